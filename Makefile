@@ -1,0 +1,45 @@
+# The README's commands. Each target creates .venv and installs what it needs when missing.
+#   make demo    train the CPU default on Tiny Shakespeare, plot it, print samples
+#   make test    run the test suite (offline; uses GPTFORGE_DATA_DIR when set)
+#   make bench   run the benchmarks and rewrite docs/benchmarks.md
+#
+# TORCH=cpu (default on a machine without nvidia-smi) installs torch==$(TORCH_VERSION), the CPU build.
+# TORCH=cuda is the one switch a GPU user flips: it installs PyPI's default (CUDA) build of torch.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+ifeq ($(TORCH),cuda)
+TORCH_REQ := torch
+else
+TORCH_REQ := torch==$(TORCH_VERSION)
+endif
+
+.PHONY: setup demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_REQ)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m gptforge train --config configs/tinyshakespeare-gpt2-cpu.toml --out runs/demo
+	$(PY) -m gptforge generate runs/demo --num-samples 3 --max-new-tokens 120 --seed 1337 --prompt "ROMEO:"
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/generate_speed.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
