@@ -1,0 +1,693 @@
+"""GPT-2 in one file: config, presets, attention, MLP, block, GPT, KV cache, Hugging Face interop.
+
+    from gptforge.model import GPT, GPTConfig
+    model = GPT.from_preset("small", vocab_size=65)            # a ~10M model for a char vocabulary
+    logits, _ = model(idx)                                     # (B, T, vocab_size)
+    _, loss = model(idx, targets)                              # mean cross-entropy, nats/token
+    cache = model.new_kv_cache(batch_size=1)                   # prefill, then one token at a time
+    gpt2 = GPT.from_pretrained("path/to/hf-gpt2-dir")          # or a Hub name such as "gpt2"
+    gpt2.save_pretrained("out/")                               # transformers.GPT2LMHeadModel loads it
+
+The architecture is exactly GPT-2's (so weights interchange with the Hugging Face ecosystem):
+token + learned position embeddings, pre-LayerNorm blocks of causal self-attention and a 4x
+GELU(tanh) MLP with residual connections, a final LayerNorm, and an LM head tied to the token
+embedding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptforge.errors import GptforgeError
+
+# ----------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class GPTConfig:
+    """The model's shape. Validated on construction; `padded_vocab_size` is what the weights use."""
+
+    n_layer: int = 12
+    """Number of transformer blocks."""
+    n_head: int = 12
+    """Attention heads per block; must divide n_embd."""
+    n_embd: int = 768
+    """Width of the residual stream."""
+    block_size: int = 1024
+    """Context length: the most positions the model sees at once (learned position embeddings)."""
+    vocab_size: int = 50257
+    """Number of token ids the tokenizer produces (GPT-2's BPE: 50,257)."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention weights and residual paths, in [0, 1); off in eval mode."""
+    bias: bool = True
+    """Biases in the Linear layers and LayerNorms (GPT-2 has them)."""
+    tie_embeddings: bool = True
+    """LM head shares its weight with the token embedding (GPT-2 does)."""
+    pad_vocab_multiple: int = 64
+    """Round the embedding's rows up to a multiple of this for faster matmuls (1 = no padding)."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_multiple"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise GptforgeError(f"GPTConfig.{name}={value!r} is invalid; it must be a positive integer")
+        if self.n_embd % self.n_head != 0:
+            raise GptforgeError(
+                f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                "pick n_embd a multiple of n_head"
+            )
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0 <= self.dropout < 1
+        ):
+            raise GptforgeError(
+                f"GPTConfig.dropout={self.dropout!r} is invalid; it must be a number in [0, 1)"
+            )
+        self.dropout = float(self.dropout)
+        for name in ("bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise GptforgeError(
+                    f"GPTConfig.{name}={getattr(self, name)!r} is invalid; it must be true or false"
+                )
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:
+        """`GPTConfig.from_preset("gpt2", vocab_size=65)`: a named shape with some fields replaced."""
+        if name not in PRESETS:
+            raise GptforgeError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - allowed)
+        if unknown:
+            raise GptforgeError(
+                f"unknown GPTConfig field(s) {', '.join(unknown)}; the fields are: {', '.join(sorted(allowed))}"
+            )
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Presets are data. The small ones train on a CPU; their sizes (non-embedding parameters, i.e.
+# without token and position embeddings) are in the README's table. vocab_size defaults to GPT-2's;
+# override it with the tokenizer's (e.g. 65 for Tiny Shakespeare's characters).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),  # ~0.1M: tests
+    "mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),  # ~0.8M: a CPU run in a minute
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # ~10.6M: nanoGPT's Shakespeare size
+    "base": dict(n_layer=6, n_head=10, n_embd=640, block_size=256),  # ~29.5M: a long CPU run
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),  # 1558M
+}
+
+
+# ----------------------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, for generation: prefill, then a token at a time.
+
+    `k` and `v` are (n_layer, B, n_head, max_len, head_dim); positions [0, pos) are filled.
+    GPT.forward writes each layer's new keys and values at [pos, pos + T) and then advances `pos`.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_head: int,
+        head_dim: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        shape = (n_layer, batch_size, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.pos = 0
+
+    def reset(self) -> None:
+        """Forget everything (the buffers are reused)."""
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store layer's new (B, nh, T, hs) keys/values at [pos, pos+T); return all of [0, pos+T)."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# ----------------------------------------------------------------------------------------- layers
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+
+        mask, is_causal = None, True
+        if kv_cache is not None:
+            start = kv_cache.pos
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, start+T, hs)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # under autocast q may be bf16 while the cache is fp32
+            if start > 0:
+                # is_causal aligns the mask's top-left corner, which is wrong once queries sit after
+                # cached keys: query i (absolute position start+i) may see keys 0..start+i.
+                is_causal = False
+                if T > 1:
+                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+                # T == 1: the one new token may see every cached key, so no mask at all.
+        dropout_p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2's "gelu_new" is the tanh approximation.
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        # GPT-2 uses LayerNorm eps 1e-5 (torch's default).
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+# ----------------------------------------------------------------------------------------- loss
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul in here (or x's own dtype without autocast)."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+class _ChunkedLMHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of `x @ weight.T` against targets, without the full logits tensor.
+
+    Rows are processed `chunk` at a time: each chunk's logits (chunk x padded_vocab) are made in
+    the compute dtype, soft-maxed in float32, and turned straight into their gradient
+    (softmax - onehot), which is multiplied into grad_x and grad_weight right away. Backward then
+    only scales those by the incoming gradient. So the LM head costs its three matmuls (no
+    recomputation) and memory holds one chunk of logits at a time instead of B*T*vocab floats.
+    Padded vocabulary columns (>= vocab_size) are set to -inf before the softmax: they get zero
+    probability and zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size: int, chunk: int, compute_dtype: torch.dtype):
+        # x: (N, C), weight: (Vp, C), targets: (N,) with -1 = ignore
+        device_type = x.device.type
+        with torch.autocast(device_type, enabled=False):
+            xc, wc = x.to(compute_dtype), weight.to(compute_dtype)
+            valid = targets != -1
+            n_valid = valid.sum()
+            need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+            grad_x = torch.empty_like(xc) if need_grad else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
+            loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
+            for s in range(0, x.size(0), chunk):
+                logits = xc[s : s + chunk] @ wc.t()  # (n, Vp) in the compute dtype
+                if logits.size(1) > vocab_size:
+                    logits[:, vocab_size:] = float("-inf")
+                logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (n, Vp) fp32
+                del logits
+                t = targets[s : s + chunk]
+                ok = valid[s : s + chunk]
+                t_safe = t.clamp(min=0).unsqueeze(1)
+                picked = logp.gather(1, t_safe).squeeze(1)  # (n,)
+                loss_sum -= (picked * ok).sum()
+                if need_grad:
+                    grad = logp.exp_()  # softmax, in place: d(loss_i)/d(logits_i) = p - onehot
+                    grad.scatter_add_(1, t_safe, -ok.to(grad.dtype).unsqueeze(1))
+                    if not bool(ok.all()):
+                        grad[~ok] = 0.0
+                    grad = grad.to(compute_dtype)
+                    grad_x[s : s + chunk] = grad @ wc
+                    grad_w += (grad.t() @ xc[s : s + chunk]).float()
+                del logp
+            denom = n_valid.clamp(min=1).to(torch.float32)
+            loss = loss_sum / denom if bool(n_valid > 0) else torch.full_like(loss_sum, float("nan"))
+        if need_grad:
+            ctx.save_for_backward(grad_x, grad_w, denom)
+            ctx.x_dtype = x.dtype
+            ctx.w_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x, grad_w, denom = ctx.saved_tensors
+        scale = grad_out.to(torch.float32) / denom
+        gx = (grad_x.float() * scale).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        gw = (grad_w * scale).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
+        return gx, gw, None, None, None, None
+
+
+def chunked_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk: int = 256
+) -> torch.Tensor:
+    """`F.cross_entropy((x @ weight.T)[:, :vocab_size], targets, ignore_index=-1)`, in row chunks.
+
+    x: (N, C); weight: (padded_vocab, C); targets: (N,). Under autocast the matmuls run in the
+    autocast dtype and the softmax in float32, as autocast would do for the plain version.
+    """
+    return _ChunkedLMHeadLoss.apply(x, weight, targets, vocab_size, chunk, _compute_dtype(x))
+
+
+# ----------------------------------------------------------------------------------------- GPT
+
+
+class GPT(nn.Module):
+    """GPT-2. `forward(idx, targets=None, kv_cache=None) -> (logits, loss)`; see docs/design.md."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        # Rows of the LM-head/cross-entropy computed at once when targets are given (0 = the plain
+        # F.cross_entropy over the full logits tensor; both give the same loss and gradients).
+        self.loss_chunk_size = 256
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        if config.tie_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): each block adds two of them
+        # to the residual stream, and this keeps its variance from growing with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> GPT:
+        """`GPT.from_preset("mini", vocab_size=65)`: a freshly initialised model of a named shape."""
+        return cls(GPTConfig.from_preset(name, **overrides))
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """(padded_vocab, n_embd): the token embedding when tied."""
+        return self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
+
+    # ------------------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        B, T = idx.size()
+        start = 0 if kv_cache is None else kv_cache.pos
+        if start + T > self.config.block_size:
+            raise GptforgeError(
+                f"sequence of {start + T} positions is longer than the model's block_size "
+                f"{self.config.block_size}; crop the input to the last {self.config.block_size} tokens"
+            )
+        if kv_cache is not None and start + T > kv_cache.max_len:
+            raise GptforgeError(
+                f"KV cache holds {kv_cache.max_len} positions, {start + T} needed; make a larger cache "
+                "with model.new_kv_cache(max_len=...)"
+            )
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, kv_cache)
+        x = self.transformer.ln_f(x)
+        if kv_cache is not None:
+            kv_cache.pos += T
+
+        V, W = self.config.vocab_size, self.lm_head_weight
+        if targets is None:
+            # Only the real vocabulary's rows: padded ids never get a logit, hence no probability.
+            return F.linear(x, W[:V]), None  # (B, T, V)
+        if self.loss_chunk_size:
+            # The chunked path masks padded columns to -inf inside the softmax.
+            loss = chunked_cross_entropy(x.view(B * T, -1), W, targets.reshape(-1), V, self.loss_chunk_size)
+            return None, loss
+        # The plain path slices the padded columns off before the softmax.
+        logits = F.linear(x, W)[..., :V]  # (B, T, V)
+        loss = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def new_kv_cache(
+        self,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """An empty KV cache for `batch_size` sequences of up to `max_len` (default block_size)."""
+        c = self.config
+        max_len = c.block_size if max_len is None else max_len
+        if max_len < 1 or max_len > c.block_size:
+            raise GptforgeError(f"KV cache max_len={max_len} must be in [1, block_size={c.block_size}]")
+        p = self.transformer.wte.weight
+        return KVCache(
+            c.n_layer,
+            batch_size,
+            c.n_head,
+            c.head_dim,
+            max_len,
+            device=p.device if device is None else device,
+            dtype=p.dtype if dtype is None else dtype,
+        )
+
+    # ------------------------------------------------------------------------------ accounting
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, tied ones counted once. `non_embedding=True` leaves out the token and position
+        embeddings (Kaplan et al.'s N; the tied LM head goes with the token embedding)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+            if self.lm_head is not None:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs (forward + backward) per token, for MFU.
+
+        6 * (n_layer * 12 * n_embd**2 + n_embd * padded_vocab) + 12 * n_layer * n_embd * block_size:
+        2 FLOPs per multiply-add, 3x for forward + backward, over every weight matmul (the four
+        per block plus the LM head), plus the attention scores and weighted sum (PaLM's 12*L*C*T,
+        counting the full T x T square). Embedding lookups, LayerNorms, biases and softmaxes are
+        left out; they are not matmuls.
+        """
+        c = self.config
+        matmul_weights = c.n_layer * 12 * c.n_embd**2 + c.n_embd * c.padded_vocab_size
+        return float(6 * matmul_weights + 12 * c.n_layer * c.n_embd * c.block_size)
+
+    # ------------------------------------------------------------------------------ Hugging Face
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | Path, **overrides: Any) -> GPT:
+        """Load a GPT-2 checkpoint in Hugging Face's layout.
+
+            GPT.from_pretrained("hf-gpt2/")                 # config.json + model.safetensors (or pytorch_model.bin)
+            GPT.from_pretrained("gpt2", dropout=0.1)        # a Hub name, downloaded when online
+
+        Overrides may set `dropout`, `pad_vocab_multiple` or a smaller `block_size` (the position
+        embeddings are cropped). Weights are read with safetensors or torch.load(weights_only=True):
+        loading never runs pickled code.
+        """
+        directory = _resolve_pretrained(name_or_dir)
+        hf = _read_json(directory / "config.json")
+        config = _config_from_hf(hf, directory, overrides)
+        state = _read_hf_weights(directory)
+        model = cls(config)
+        model._load_hf_state(state, directory)
+        return model
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write `config.json` + `model.safetensors` that `transformers.GPT2LMHeadModel.from_pretrained`
+        loads. Padded vocabulary rows are dropped; with `bias=False` the biases are written as zeros
+        (which computes the same thing)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(_config_to_hf(self.config), indent=2) + "\n")
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self._hf_state().items()}
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+    def _hf_state(self) -> dict[str, torch.Tensor]:
+        """Our weights under Hugging Face's names. Its Conv1D stores (in, out), nn.Linear (out, in)."""
+        c, V = self.config, self.config.vocab_size
+        t = self.transformer
+        out: dict[str, torch.Tensor] = {
+            "transformer.wte.weight": t.wte.weight[:V],
+            "transformer.wpe.weight": t.wpe.weight,
+        }
+
+        def ln(prefix: str, module: nn.LayerNorm) -> None:
+            out[f"{prefix}.weight"] = module.weight
+            out[f"{prefix}.bias"] = (
+                module.bias if module.bias is not None else torch.zeros_like(module.weight)
+            )
+
+        def linear(prefix: str, module: nn.Linear) -> None:
+            out[f"{prefix}.weight"] = module.weight.t()
+            out[f"{prefix}.bias"] = (
+                module.bias if module.bias is not None else module.weight.new_zeros(module.out_features)
+            )
+
+        for i, block in enumerate(t.h):
+            p = f"transformer.h.{i}"
+            ln(f"{p}.ln_1", block.ln_1)
+            linear(f"{p}.attn.c_attn", block.attn.c_attn)
+            linear(f"{p}.attn.c_proj", block.attn.c_proj)
+            ln(f"{p}.ln_2", block.ln_2)
+            linear(f"{p}.mlp.c_fc", block.mlp.c_fc)
+            linear(f"{p}.mlp.c_proj", block.mlp.c_proj)
+        ln("transformer.ln_f", t.ln_f)
+        # Tied: the head *is* wte, and safetensors refuses two names for one storage, so (like
+        # transformers) we write wte only and tie_word_embeddings=true makes the loader re-tie it.
+        if not c.tie_embeddings:
+            out["lm_head.weight"] = self.lm_head.weight[:V]
+        return out
+
+    @torch.no_grad()
+    def _load_hf_state(self, state: dict[str, torch.Tensor], source: Path) -> None:
+        # Old checkpoints (the original "gpt2" upload) have no "transformer." prefix.
+        state = {
+            k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v
+            for k, v in state.items()
+        }
+        V, c = self.config.vocab_size, self.config
+        ours = self._hf_state()
+        for name, target in ours.items():
+            if name not in state:
+                raise GptforgeError(f"{source}: weight {name} is missing; is this a GPT-2 checkpoint?")
+            src = state[name]
+            if name == "transformer.wpe.weight":
+                src = src[: c.block_size]  # a smaller block_size override crops the positions
+            if tuple(src.shape) != tuple(target.shape):
+                raise GptforgeError(
+                    f"{source}: weight {name} has shape {tuple(src.shape)}, expected {tuple(target.shape)} "
+                    "from config.json; the checkpoint and its config disagree"
+                )
+            target.copy_(src.to(target.dtype))
+        if not c.tie_embeddings and "lm_head.weight" not in state:
+            raise GptforgeError(f"{source}: untied checkpoint without lm_head.weight")
+        # Padded rows never get probability; zero them so they are inert, as a fresh model would be.
+        self.transformer.wte.weight[V:].zero_()
+        if self.lm_head is not None:
+            self.lm_head.weight[V:].zero_()
+
+
+# ----------------------------------------------------------------------------------------- HF files
+
+_HF_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are GELU's tanh approximation
+
+
+def _resolve_pretrained(name_or_dir: str | Path) -> Path:
+    """A local directory as is; otherwise a Hub name, downloaded (config + weights) when online."""
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_dir)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise GptforgeError(
+            f"{name}: not a directory holding config.json and model.safetensors; give a Hugging Face "
+            "GPT-2 directory or a Hub name such as gpt2"
+        )
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as e:
+        raise GptforgeError(
+            f"{name}: downloading from the Hub needs huggingface_hub; pip install 'gptforge[hf]'"
+        ) from e
+    try:
+        config = hf_hub_download(name, "config.json")
+    except Exception as e:  # offline, unknown repository, ...: one line for the user
+        raise GptforgeError(
+            f"could not download {name!r} from the Hugging Face Hub ({type(e).__name__}); check the name and "
+            "your connection, or pass a local directory with config.json and model.safetensors"
+        ) from e
+    for weights in ("model.safetensors", "pytorch_model.bin"):
+        try:
+            hf_hub_download(name, weights)
+            break
+        except Exception:  # noqa: S112 - try the next file name
+            continue
+    else:
+        raise GptforgeError(f"{name}: the Hub repository has neither model.safetensors nor pytorch_model.bin")
+    return Path(config).parent
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise GptforgeError(f"{path} is missing; a Hugging Face GPT-2 directory has config.json") from e
+    except (OSError, ValueError) as e:
+        raise GptforgeError(f"{path} is not readable JSON ({e}); re-export the checkpoint") from e
+    if not isinstance(data, dict):
+        raise GptforgeError(f"{path} is not a JSON object; re-export the checkpoint")
+    return data
+
+
+def _config_from_hf(hf: dict[str, Any], directory: Path, overrides: dict[str, Any]) -> GPTConfig:
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise GptforgeError(
+            f"{directory}: model_type {hf.get('model_type')!r} is not gpt2; only GPT-2 checkpoints load"
+        )
+    act = hf.get("activation_function", "gelu_new")
+    n_embd = hf.get("n_embd", 768)
+    n_inner = hf.get("n_inner")
+    if act not in _HF_ACTIVATIONS or (n_inner is not None and n_inner != 4 * n_embd):
+        raise GptforgeError(
+            f"{directory}: activation {act!r} / n_inner {n_inner!r} differ from GPT-2's (gelu_new, 4*n_embd); "
+            "this model cannot hold that checkpoint"
+        )
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
+        raise GptforgeError(f"{directory}: non-standard attention scaling in config.json is not supported")
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    if abs(eps - 1e-5) > 1e-12:
+        raise GptforgeError(f"{directory}: layer_norm_epsilon {eps} differs from GPT-2's 1e-5; not supported")
+    allowed = {"dropout", "pad_vocab_multiple", "block_size"}
+    bad = sorted(set(overrides) - allowed)
+    if bad:
+        raise GptforgeError(
+            f"cannot override {', '.join(bad)} of a pretrained model; only {', '.join(sorted(allowed))} may change"
+        )
+    n_positions = hf.get("n_positions", hf.get("n_ctx", 1024))
+    if overrides.get("block_size", n_positions) > n_positions:
+        raise GptforgeError(
+            f"block_size={overrides['block_size']} exceeds the checkpoint's n_positions={n_positions}"
+        )
+    fields_ = dict(
+        n_layer=hf.get("n_layer", 12),
+        n_head=hf.get("n_head", 12),
+        n_embd=n_embd,
+        block_size=n_positions,
+        vocab_size=hf.get("vocab_size", 50257),
+        dropout=0.0,
+        bias=True,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+    )
+    return GPTConfig(**{**fields_, **overrides})
+
+
+def _config_to_hf(c: GPTConfig) -> dict[str, Any]:
+    hf: dict[str, Any] = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "n_layer": c.n_layer,
+        "n_head": c.n_head,
+        "n_embd": c.n_embd,
+        "n_positions": c.block_size,
+        "n_ctx": c.block_size,
+        "n_inner": None,
+        "vocab_size": c.vocab_size,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "embd_pdrop": c.dropout,
+        "attn_pdrop": c.dropout,
+        "resid_pdrop": c.dropout,
+        "tie_word_embeddings": c.tie_embeddings,
+        "torch_dtype": "float32",
+    }
+    if c.vocab_size == 50257:  # GPT-2's BPE: <|endoftext|> starts and ends documents
+        hf["bos_token_id"] = hf["eos_token_id"] = 50256
+    return hf
+
+
+def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Weights from model.safetensors, else pytorch_model.bin; never unpickles arbitrary objects."""
+    st, pt = directory / "model.safetensors", directory / "pytorch_model.bin"
+    if st.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(st))
+        except (SafetensorError, OSError) as e:
+            raise GptforgeError(
+                f"{st} is damaged or not a safetensors file ({e}); download or export it again"
+            ) from e
+    if pt.is_file():
+        try:
+            state = torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle.UnpicklingError for anything but tensors and plain containers
+            raise GptforgeError(
+                f"{pt} was refused: it is not a plain tensor file loadable with weights_only=True "
+                f"({type(e).__name__}); convert it to model.safetensors"
+            ) from e
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise GptforgeError(f"{pt} does not hold a dict of tensors; convert it to model.safetensors")
+        return state
+    raise GptforgeError(
+        f"{directory} has neither model.safetensors nor pytorch_model.bin; give a GPT-2 checkpoint directory"
+    )
