@@ -21,12 +21,51 @@ from gptforge.errors import GptforgeError
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prepare", help="tokenize a corpus into cached token files")
+    p = sub.add_parser(
+        "prepare", help="tokenize a corpus into cached token files",
+        description="Tokenize a corpus into memory-mapped train/val token files (cached and reused "
+        "while the text and tokenizer stay the same).",
+        epilog="examples:\n  gptforge prepare --corpus tinyshakespeare --tokenizer gpt2\n"
+        "  gptforge prepare --corpus notes/ extra.txt --tokenizer bpe --bpe-vocab-size 8192\n"
+        "  cat book.txt | gptforge prepare --corpus - --tokenizer char --out data/book",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--corpus", nargs="+", default=["tinyshakespeare"], metavar="SOURCE",
+                   help="a named corpus (tinyshakespeare), text files, directories of .txt files, or - for "
+                   "stdin; several are joined in order (default: tinyshakespeare)")
+    p.add_argument("--tokenizer", default="gpt2", metavar="{gpt2,char,bpe}",
+                   help="gpt2: GPT-2's BPE (tiktoken); char: one id per character of the corpus; bpe: a "
+                   "byte-level BPE trained on the corpus (default: gpt2)")
+    p.add_argument("--bpe-vocab-size", type=int, default=None, metavar="N",
+                   help="vocabulary size of the trained bpe tokenizer, 257..65536 (default: 4096)")
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                   help="fraction of the tokens, taken from the end, kept for validation; 0 = no "
+                   "validation split (default: 0.1)")
+    p.add_argument("--block-size", type=int, default=256, metavar="T",
+                   help="context length you will train with: each split must hold at least one window "
+                   "of T+1 tokens (default: 256)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write the files here instead of the cache ($GPTFORGE_CACHE_DIR/tokens/...)")
     p.set_defaults(func=_run_prepare)
 
 
 def _run_prepare(args: argparse.Namespace) -> None:
-    raise GptforgeError("prepare is not implemented yet")
+    from gptforge.data.tokens import prepare
+
+    data = prepare(args.corpus, tokenizer=args.tokenizer, val_fraction=args.val_fraction, out=args.out,
+                   bpe_vocab_size=args.bpe_vocab_size, block_size=args.block_size)
+    m = data.meta
+    eot = f", end-of-text id {m['eot_id']}" if m["eot_id"] is not None else ""
+    val = f"{m['val_tokens']:,} validation" if m["val_tokens"] else "no validation split"
+    files = ", ".join(n for n in ("train.bin", "val.bin", "meta.json", "tokenizer/")
+                      if (data.dir / n.rstrip("/")).exists())
+    how = "reused from the cache" if data.reused else "prepared"
+    print(f"corpus      {m['corpus']} ({len(m['sources'])} source(s), sha256 {m['source_sha256'][:12]})")
+    print(f"characters  {m['characters']:,} ({m['distinct_characters']:,} distinct)")
+    print(f"tokenizer   {m['tokenizer']}, vocabulary {m['vocab_size']:,}{eot}")
+    print(f"tokens      {m['tokens']:,}: {m['train_tokens']:,} train, {val} ({m['dtype']})")
+    print(f"files       {data.dir} ({files})")
+    print(f"cache       {how} in {data.seconds:.2f} s")
 
 
 # --------------------------------------------------------------------------------------------- train
