@@ -59,8 +59,9 @@ def _run_prepare(args: argparse.Namespace) -> None:
     val = f"{m['val_tokens']:,} validation" if m["val_tokens"] else "no validation split"
     files = ", ".join(n for n in ("train.bin", "val.bin", "meta.json", "tokenizer/")
                       if (data.dir / n.rstrip("/")).exists())
-    how = "reused from the cache" if data.reused else "prepared"
-    print(f"corpus      {m['corpus']} ({len(m['sources'])} source(s), sha256 {m['source_sha256'][:12]})")
+    how = "reused (meta.json matched)" if data.reused else "prepared"
+    n_src = len(m["sources"])
+    print(f"corpus      {m['corpus']} ({n_src} source{'s' * (n_src != 1)}, sha256 {m['source_sha256'][:12]})")
     print(f"characters  {m['characters']:,} ({m['distinct_characters']:,} distinct)")
     print(f"tokenizer   {m['tokenizer']}, vocabulary {m['vocab_size']:,}{eot}")
     print(f"tokens      {m['tokens']:,}: {m['train_tokens']:,} train, {val} ({m['dtype']})")

@@ -1,0 +1,146 @@
+"""Tokenizers: known facts, exact round trips, chunked == one-shot encoding, save/load as JSON."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from gptforge.data.tokenizers import (
+    BPETokenizer,
+    CharTokenizer,
+    GPT2Tokenizer,
+    build_tokenizer,
+    load_tokenizer,
+    split_for_batch,
+)
+from gptforge.errors import GptforgeError
+
+EDGE_CASES = [
+    "",
+    "👍🏽 family: 👨‍👩‍👧‍👦, flags 🇫🇷🇯🇵",  # emoji, skin tone, ZWJ sequences, regional indicators
+    "cafe\u0301 vs caf\u00e9, Z\u0351\u0358a\u0300\u0311lgo\u0302",  # combining marks (no normalisation!)
+    "line one\r\nline two\r\n\r\n  indented\tand tabs\t\n",  # CRLF, tabs, blank lines
+    "bell\x07 backspace\x08 esc\x1b[31m form\x0c vt\x0b del\x7f c1\x85\u2028\u2029",  # control characters
+    "日本語のテキスト، العربية، עברית, ελληνικά",
+    "<|endoftext|> is ordinary text here",
+    "   leading and trailing spaces   ",
+    "\n\n\n\nmany\n\n\n newlines \n \n",
+]
+
+
+@pytest.fixture(scope="module")
+def gpt2() -> GPT2Tokenizer:
+    return build_tokenizer("gpt2")
+
+
+@pytest.fixture(scope="module")
+def bpe(shakespeare_text) -> BPETokenizer:
+    return build_tokenizer("bpe", shakespeare_text[:200_000], vocab_size=512)
+
+
+def test_gpt2_known_facts(gpt2, shakespeare_text):
+    assert (gpt2.spec, gpt2.vocab_size, gpt2.eot_id) == ("gpt2", 50257, 50256)
+    ids = gpt2.encode_to_array(shakespeare_text)  # chunked, multi-threaded
+    assert len(ids) == 338_025
+    one_shot = gpt2.enc.encode_ordinary(shakespeare_text)
+    assert ids.tolist() == one_shot
+    assert gpt2.decode(one_shot) == shakespeare_text
+    assert gpt2.encode("Hello world") == [15496, 995]  # GPT-2's well-known ids
+
+
+def test_chunking_never_changes_the_tokens(gpt2, bpe):
+    # Text full of places where a naive cut would change GPT-2's pre-tokenisation: runs of spaces
+    # and newlines, spaces before newlines, contractions and digits right after line breaks.
+    rng = np.random.default_rng(0)
+    pieces = ["word", " ", "  ", "\n", "\n\n", "\n\n\n", " \n", "'s", "'ll", "123", "!", "\t", "é", "👍", "\r\n"]
+    text = "".join(rng.choice(pieces, size=20_000).tolist())
+    chunks = split_for_batch(text, chunk_chars=64)
+    assert len(chunks) > 50 and "".join(chunks) == text
+    for tok, one_shot in ((gpt2, gpt2.enc.encode_ordinary), (bpe, bpe.encode)):
+        batched = [i for ids in tok.encode_batch(chunks) for i in ids]
+        assert batched == one_shot(text)
+
+
+def test_text_without_safe_cuts_stays_whole():
+    assert split_for_batch("x" * 1000, chunk_chars=10) == ["x" * 1000]
+
+
+@pytest.mark.parametrize("text", EDGE_CASES)
+def test_round_trip_edge_cases(gpt2, bpe, text):
+    assert gpt2.decode(gpt2.encode(text)) == text
+    assert bpe.decode(bpe.encode(text)) == text  # byte-level: characters never seen in training too
+    char = CharTokenizer.from_text(text or "x")
+    assert char.decode(char.encode(text)) == text
+
+
+def test_char_known_facts_and_unknown_characters(shakespeare_text):
+    char = build_tokenizer("char", shakespeare_text)
+    assert (char.spec, char.vocab_size, char.eot_id) == ("char", 65, None)
+    assert char.chars == sorted(set(shakespeare_text))
+    ids = char.encode_to_array(shakespeare_text)
+    assert len(ids) == len(shakespeare_text) and ids.max() == 64
+    assert char.decode(ids.tolist()) == shakespeare_text
+    with pytest.raises(GptforgeError, match=r"2 character\(s\) the char tokenizer does not know: '@', '👍'"):
+        char.encode("hello @ 👍 world")
+
+
+def test_bpe_round_trips_the_whole_corpus(shakespeare_text):
+    tok = build_tokenizer("bpe", shakespeare_text, vocab_size=1024)
+    assert tok.vocab_size == 1024
+    ids = tok.encode_to_array(shakespeare_text)
+    assert 256 <= len(set(ids.tolist())) <= 1024
+    assert len(ids) < len(shakespeare_text) / 2  # it learned merges
+    assert tok.decode(ids.tolist()) == shakespeare_text
+
+
+@pytest.mark.parametrize("size", [0, 256, 65537, -5])
+def test_bpe_vocab_size_out_of_range(size):
+    with pytest.raises(GptforgeError, match=f"bpe vocabulary size {size} is out of range; choose 257..65536"):
+        build_tokenizer("bpe", "some text", vocab_size=size)
+
+
+def test_unknown_spec_and_misuse():
+    with pytest.raises(GptforgeError, match="unknown tokenizer 'wordpiece'; choose one of gpt2, char, bpe"):
+        build_tokenizer("wordpiece", "text")
+    with pytest.raises(GptforgeError, match="only applies to the bpe"):
+        build_tokenizer("char", "text", vocab_size=300)
+    with pytest.raises(GptforgeError, match="pass its text"):
+        build_tokenizer("char")
+
+
+def test_decode_never_fails_below_vocab_size(gpt2, bpe):
+    for tok in (gpt2, bpe):
+        ids = list(range(0, tok.vocab_size, max(1, tok.vocab_size // 997))) + [tok.vocab_size - 1]
+        assert isinstance(tok.decode(ids), str)
+        for i in ids[:300]:
+            assert isinstance(tok.decode([i]), str)  # lone bytes of multi-byte characters included
+
+
+def test_save_load_round_trip(tmp_path, gpt2, bpe, shakespeare_text):
+    char = build_tokenizer("char", shakespeare_text)
+    sample = shakespeare_text[:5000]
+    for tok in (gpt2, char, bpe):
+        d = tmp_path / tok.spec
+        tok.save(d)
+        # JSON only: every saved file parses as JSON (no pickles).
+        for f in d.iterdir():
+            json.loads(f.read_text(encoding="utf-8"))
+        loaded = load_tokenizer(d)
+        assert type(loaded) is type(tok)
+        assert (loaded.spec, loaded.vocab_size, loaded.eot_id) == (tok.spec, tok.vocab_size, tok.eot_id)
+        assert loaded.encode(sample) == tok.encode(sample)
+        assert loaded.decode(tok.encode(sample)) == sample
+    assert sorted(p.name for p in (tmp_path / "bpe").iterdir()) == ["gptforge_tokenizer.json", "tokenizer.json"]
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(GptforgeError, match="holds no saved tokenizer"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "gptforge_tokenizer.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(GptforgeError, match="is damaged"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "gptforge_tokenizer.json").write_text('{"spec": "bpe", "vocab_size": 300}', encoding="utf-8")
+    with pytest.raises(GptforgeError, match="cannot load .*tokenizer.json"):
+        load_tokenizer(tmp_path)
