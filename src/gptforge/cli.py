@@ -109,36 +109,117 @@ def _run_plot(args: argparse.Namespace) -> None:
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="sample text from a trained run")
+    p = sub.add_parser(
+        "generate",
+        help="sample text from a trained run",
+        description="Sample text from a run directory (or a checkpoint directory inside one), with the KV cache. "
+        "Example: gptforge generate runs/char --prompt 'ROMEO:' --temperature 0.8 --top-k 50 --seed 1337",
+    )
+    p.add_argument("run", help="run directory, or a checkpoint directory inside one")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default="", help="text to continue (default: start from nothing)")
+    src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to write per sample (default 200)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; higher = more random (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples (default: random)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples to write, as one batch (default 1)")
+    p.add_argument("--stream", action="store_true", help="print the first sample as it is written")
+    p.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
+                   help="which checkpoint of the run (default latest)")
+    p.add_argument("--stop-at-eot", action="store_true", help="end a sample at <|endoftext|> (gpt2 tokenizer)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ... (default auto)")
     p.set_defaults(func=_run_generate)
 
 
 def _run_generate(args: argparse.Namespace) -> None:
-    raise GptforgeError("generate is not implemented yet")
+    from gptforge.generate import check_sampling, load
+
+    # Check the settings before loading the model, so a typo fails fast.
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.num_samples)
+    prompt = args.prompt
+    if args.prompt_file:
+        try:
+            prompt = open(args.prompt_file, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise GptforgeError(f"cannot read prompt file {args.prompt_file!r} ({e.__class__.__name__}); "
+                                "pass a readable UTF-8 text file") from None
+    gen = load(args.run, which=args.checkpoint, device=args.device)
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed, num_samples=args.num_samples,
+                    stop_at_eot=args.stop_at_eot)
+    gen.encode_prompt(prompt)  # unknown characters fail here, before anything is printed
+    if args.stream:
+        # The first sample is printed as it is written, the others once the batch is done.
+        texts = [""] * args.num_samples
+        header = "--- sample 1 ---\n" if args.num_samples > 1 else ""
+        print(header + prompt, end="", flush=True)
+        for pieces in gen.stream_batch(prompt, **settings):
+            texts = [t + p for t, p in zip(texts, pieces, strict=True)]
+            print(pieces[0], end="", flush=True)
+        print()
+        for i, text in enumerate(texts[1:], start=2):
+            print(f"--- sample {i} ---\n{prompt}{text}")
+        return
+    for i, text in enumerate(gen.generate(prompt, **settings), start=1):
+        if args.num_samples > 1:
+            print(f"--- sample {i} ---")
+        print(prompt + text)
 
 
 # --------------------------------------------------------------------------------------------- serve
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="web page to sample from a run (Gradio)")
+    p = sub.add_parser(
+        "serve",
+        help="web page to sample from a run (Gradio)",
+        description="Serve a Gradio page that samples from a run. Example: gptforge serve runs/char --port 7860",
+    )
+    p.add_argument("run", help="run directory, or a checkpoint directory inside one")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--max-new-tokens-limit", type=int, default=500,
+                   help="most tokens one request may ask for (default 500)")
+    p.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
+                   help="which checkpoint of the run (default latest)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ... (default auto)")
     p.set_defaults(func=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> None:
-    raise GptforgeError("serve is not implemented yet")
+    from gptforge.web import serve
+
+    serve(args.run, host=args.host, port=args.port, max_new_tokens_limit=args.max_new_tokens_limit,
+          which=args.checkpoint, device=args.device)
 
 
 # --------------------------------------------------------------------------------------------- export-space
 
 
 def _add_export_space(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export-space", help="write a folder ready to push as a Hugging Face Space")
+    p = sub.add_parser(
+        "export-space",
+        help="write a folder ready to push as a Hugging Face Space",
+        description="Write app.py, requirements.txt, README.md (Spaces header), the weights (safetensors), "
+        "tokenizer and a copy of gptforge into OUT_DIR. Example: gptforge export-space runs/char space/",
+    )
+    p.add_argument("run", help="run directory, or a checkpoint directory inside one")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="new or empty directory to write the Space into")
+    p.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
+                   help="which checkpoint of the run (default latest)")
+    p.add_argument("--max-new-tokens-limit", type=int, default=500,
+                   help="most tokens one request may ask for on the Space (default 500)")
     p.set_defaults(func=_run_export_space)
 
 
 def _run_export_space(args: argparse.Namespace) -> None:
-    raise GptforgeError("export-space is not implemented yet")
+    from gptforge.web import export_space
+
+    out = export_space(args.run, args.out_dir, which=args.checkpoint,
+                       max_new_tokens_limit=args.max_new_tokens_limit)
+    print(f"wrote {out}: try it with `python {out / 'app.py'}`, then push the folder to a Gradio Space")
 
 
 # --------------------------------------------------------------------------------------------- sweep
