@@ -73,24 +73,70 @@ def _run_prepare(args: argparse.Namespace) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model (prepares the data itself)")
+    p = sub.add_parser(
+        "train", help="train a model (prepares the data itself)",
+        description="Train a GPT from a TOML config plus section.key=value overrides, e.g. "
+                    "gptforge train --config configs/tinyshakespeare-char.toml train.max_steps=500 optim.lr=1e-3. "
+                    "Under torchrun it trains with DDP. Ctrl-C saves the latest checkpoint (exit 130).")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, parsed by the field's type (e.g. train.max_steps=200, data.corpus=a.txt)")
+    p.add_argument("--config", metavar="FILE", help="TOML config (default: the built-in defaults)")
+    p.add_argument("--out", metavar="DIR", help="run directory to create (default: runs/<config name>)")
+    p.add_argument("--resume", metavar="RUN",
+                   help="continue RUN from checkpoints/latest with RUN/config.toml (overrides: stop limits only)")
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    raise GptforgeError("train is not implemented yet")
+    from pathlib import Path
+
+    from gptforge.config import load_config, resume_config
+    from gptforge.train.runtime import print0
+    from gptforge.train.trainer import train
+
+    if args.resume:
+        if args.config:
+            raise GptforgeError("--resume uses RUN/config.toml; drop --config (stop limits can be overridden)")
+        if args.out and Path(args.out) != Path(args.resume):
+            raise GptforgeError("--resume continues in RUN itself; drop --out")
+        result = train(resume_config(args.resume, args.overrides), args.resume, resume=True)
+    else:
+        out = args.out or str(Path("runs") / (Path(args.config).stem if args.config else "default"))
+        result = train(load_config(args.config, args.overrides), out)
+    val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
+    train_loss = "n/a" if result.train_loss is None else f"{result.train_loss:.4f}"
+    print0(f"stopped by {result.stopped_by} at step {result.step:,} ({result.tokens:,} tokens): "
+           f"train loss {train_loss}, val loss {val}; run in {result.run_dir}")
 
 
 # --------------------------------------------------------------------------------------------- eval
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="exact mean cross-entropy of a run over a whole split")
+    p = sub.add_parser("eval", help="exact mean cross-entropy of a run over a whole split",
+                       description="Mean cross-entropy (nats/token) of a checkpoint over every token of a split: "
+                                   "windows of block_size with stride block_size, each token but the first "
+                                   "predicted once. Example: gptforge eval runs/char --split val --checkpoint best")
+    p.add_argument("run", metavar="RUN", help="run directory (or a checkpoint directory inside one)")
+    p.add_argument("--split", choices=("train", "val"), default="val", help="which split (default: val)")
+    p.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
+                   help="which checkpoint of RUN (default: latest)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="precision of the evaluation (default: float32)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: the run's)")
     p.set_defaults(func=_run_eval)
 
 
 def _run_eval(args: argparse.Namespace) -> None:
-    raise GptforgeError("eval is not implemented yet")
+    import math
+
+    from gptforge.train.trainer import evaluate_run
+
+    r = evaluate_run(args.run, split=args.split, which=args.checkpoint, device=args.device, dtype=args.dtype,
+                     batch_size=args.batch_size)
+    print(f"{r['split']} loss {r['loss']:.4f} nats/token (perplexity {math.exp(min(r['loss'], 700)):.2f}) "
+          f"over {r['tokens']:,} tokens; checkpoint {r['checkpoint']} (step {r['step']})")
 
 
 # --------------------------------------------------------------------------------------------- plot

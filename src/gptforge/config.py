@@ -1,0 +1,522 @@
+"""Typed run configuration: one dataclass per concern, one path to fill it.
+
+    from gptforge.config import load_config
+    cfg = load_config("configs/tinyshakespeare-char.toml", ["train.max_steps=200", "optim.lr=1e-3"])
+    cfg.save("runs/x/config.toml")            # every section, every field; loads back identically
+
+Precedence: dataclass defaults < TOML file < `section.key=value` overrides. Override values are
+parsed as TOML literals when they can be (`3e-4`, `true`, `["a.txt", "b.txt"]`) and as plain
+strings otherwise (`data.corpus=tinyshakespeare`); `none` unsets an optional field. Every value is
+then checked against the field's type, and the whole config is validated when it is built: errors
+name the field and the allowed values.
+
+TOML has no null, so an unset optional field is written as a comment (`# max_tokens = unset`) and
+read back as its default, which is always None for optional fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from gptforge.errors import GptforgeError
+
+# Fields of GPTConfig a run may override on top of its preset (vocab_size comes from the tokenizer).
+MODEL_OVERRIDES = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "tie_embeddings")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "gpt-mini"
+    """Name of a preset in gptforge.model.PRESETS; the fields below override it when set."""
+    n_layer: int | None = None
+    """Number of transformer blocks (default: the preset's)."""
+    n_head: int | None = None
+    """Attention heads per block; must divide n_embd (default: the preset's)."""
+    n_embd: int | None = None
+    """Width of the residual stream (default: the preset's)."""
+    block_size: int | None = None
+    """Context length in tokens (default: the preset's)."""
+    dropout: float | None = None
+    """Dropout probability during training, 0 <= p < 1 (default: the preset's)."""
+    bias: bool | None = None
+    """Biases in linear layers and LayerNorms (default: the preset's)."""
+    tie_embeddings: bool | None = None
+    """Share the token embedding with the output head (default: the preset's)."""
+
+    def overrides(self) -> dict[str, Any]:
+        """The GPTConfig fields this config sets explicitly."""
+        return {k: getattr(self, k) for k in MODEL_OVERRIDES if getattr(self, k) is not None}
+
+    def validate(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise GptforgeError(f"model.{name} = {v} is invalid; it must be a positive integer")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise GptforgeError(f"model.dropout = {self.dropout} is invalid; it must be in [0, 1)")
+        if self.n_head is not None and self.n_embd is not None and self.n_embd % self.n_head:
+            raise GptforgeError(f"model.n_embd = {self.n_embd} is not divisible by model.n_head = {self.n_head}")
+        presets = _model_presets()
+        if presets is not None and self.preset not in presets:
+            raise GptforgeError(f"model.preset = {self.preset!r} is unknown; choose one of {', '.join(sorted(presets))}")
+
+    def block_size_resolved(self) -> int | None:
+        """The context length this config ends up with (override, else the preset's)."""
+        if self.block_size is not None:
+            return self.block_size
+        presets = _model_presets()
+        if presets is None or self.preset not in presets:
+            return None
+        return int(presets[self.preset].get("block_size", 0)) or None
+
+
+@dataclass
+class DataConfig:
+    corpus: str | list[str] = "tinyshakespeare"
+    """A corpus name, a file, a directory of .txt files, or a list of those (see gptforge.data.corpus)."""
+    tokenizer: str = "gpt2"
+    """Tokenizer: "gpt2" (tiktoken), "char" (characters of the corpus) or "bpe" (trained on the corpus)."""
+    bpe_vocab_size: int | None = None
+    """Vocabulary size of a trained "bpe" tokenizer (ignored by the others)."""
+    val_fraction: float = 0.1
+    """Fraction of the tokens (the end of the corpus) held out for validation, 0 <= f < 1."""
+    sampling: str = "random"
+    """Training windows: "random" offsets, or "sequential" epochs walking the tokens in order."""
+
+    def validate(self) -> None:
+        _choice("data.tokenizer", self.tokenizer, ("gpt2", "char", "bpe"))
+        _choice("data.sampling", self.sampling, ("random", "sequential"))
+        if isinstance(self.corpus, list) and not self.corpus:
+            raise GptforgeError("data.corpus is an empty list; name at least one corpus, file or directory")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise GptforgeError(f"data.val_fraction = {self.val_fraction} is invalid; it must be in [0, 1)")
+        if self.bpe_vocab_size is not None and self.bpe_vocab_size < 2:
+            raise GptforgeError(f"data.bpe_vocab_size = {self.bpe_vocab_size} is invalid; it must be >= 2")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    """Peak learning rate (reached at the end of warm-up)."""
+    min_lr: float = 6e-5
+    """Floor of the cosine decay."""
+    warmup_steps: int = 100
+    """Optimizer updates of linear warm-up from 0 to lr."""
+    schedule: str = "cosine"
+    """"cosine" (warm-up, then cosine decay to min_lr) or "constant" (warm-up, then lr)."""
+    decay_steps: int | None = None
+    """Length of the schedule in updates (default: train.max_steps, else derived from train.max_tokens)."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay, applied to matrices (>= 2-D parameters) only."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
+    fused: bool = True
+    """Use the fused AdamW kernel where the device supports it."""
+
+    def validate(self) -> None:
+        _choice("optim.schedule", self.schedule, ("cosine", "constant"))
+        for name in ("lr", "eps"):
+            if not getattr(self, name) > 0:
+                raise GptforgeError(f"optim.{name} = {getattr(self, name)} is invalid; it must be > 0")
+        for name in ("min_lr", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise GptforgeError(f"optim.{name} = {getattr(self, name)} is invalid; it must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise GptforgeError(f"optim.{name} = {getattr(self, name)} is invalid; it must be in [0, 1)")
+        if self.warmup_steps < 0:
+            raise GptforgeError(f"optim.warmup_steps = {self.warmup_steps} is invalid; it must be >= 0")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            raise GptforgeError(f"optim.decay_steps = {self.decay_steps} is invalid; it must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 8
+    """Sequences per micro-batch on each process."""
+    grad_accum_steps: int | None = None
+    """Micro-batches per optimizer update (default: derived from tokens_per_update, else 1)."""
+    tokens_per_update: int | None = None
+    """Tokens per optimizer update over all processes (default: batch_size * block_size * accum * world)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer updates."""
+    max_tokens: int | None = None
+    """Stop once this many training tokens have been seen."""
+    max_time: float | None = None
+    """Stop after this many seconds of training (summed over resumed runs)."""
+    stop_at_loss: float | None = None
+    """Stop once the metric named by stop_metric falls to this value (nats/token) at an evaluation."""
+    stop_metric: str = "val"
+    """Metric for stop_at_loss: "val" (validation loss) or "train_full" (loss over the whole training split)."""
+    eval_every: int = 250
+    """Evaluate every this many updates (and at the end of the run)."""
+    eval_batches: int = 20
+    """Micro-batches per split in the periodic evaluation estimate."""
+    log_every: int = 10
+    """Log a training record every this many updates."""
+    checkpoint_every: int = 250
+    """Save checkpoints/latest (and a step-NNNNNNN copy) every this many updates (and at the end)."""
+    keep_last: int = 2
+    """Step checkpoints to keep (0 keeps none; latest and best are kept apart)."""
+    dtype: str = "auto"
+    """"auto" (bfloat16 on CUDA where supported, else float16 on CUDA, float32 elsewhere), "float32", "bfloat16" or "float16"."""
+    compile: bool = False
+    """Run the model through torch.compile (checkpoints still hold the plain module)."""
+    device: str = "auto"
+    """"auto" (cuda > mps > cpu), "cpu", "cuda" or "mps"."""
+    seed: int = 1337
+    """Seed of every random number generator (python, numpy, torch, the data sampler)."""
+    tensorboard: bool = False
+    """Also write TensorBoard scalars into RUN/tensorboard."""
+    init: str | None = None
+    """Reserved for the tuning helper: a run or checkpoint directory to start the weights from."""
+
+    def validate(self) -> None:
+        _choice("train.stop_metric", self.stop_metric, ("val", "train_full"))
+        _choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _choice("train.device", self.device, ("auto", "cpu", "cuda", "mps"))
+        for name in ("batch_size", "eval_every", "eval_batches", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise GptforgeError(f"train.{name} = {getattr(self, name)} is invalid; it must be >= 1")
+        for name in ("grad_accum_steps", "tokens_per_update", "max_steps", "max_tokens"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise GptforgeError(f"train.{name} = {v} is invalid; it must be >= 1 (or unset)")
+        if self.max_time is not None and not self.max_time > 0:
+            raise GptforgeError(f"train.max_time = {self.max_time} is invalid; it must be > 0 seconds (or unset)")
+        if self.stop_at_loss is not None and not (math.isfinite(self.stop_at_loss) and self.stop_at_loss >= 0):
+            raise GptforgeError(f"train.stop_at_loss = {self.stop_at_loss} is invalid; it must be a loss >= 0")
+        if self.keep_last < 0:
+            raise GptforgeError(f"train.keep_last = {self.keep_last} is invalid; it must be >= 0")
+        if all(getattr(self, n) is None for n in ("max_steps", "max_tokens", "max_time", "stop_at_loss")):
+            raise GptforgeError("the run would never stop; set train.max_steps, train.max_tokens, "
+                                "train.max_time or train.stop_at_loss")
+
+
+@dataclass
+class Config:
+    """A whole run: model, data, optimizer and training settings."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1000))
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field, then the rules that span sections. Raises GptforgeError."""
+        for name in SECTIONS:
+            section = getattr(self, name)
+            _check_types(name, section)
+            section.validate()
+        t = self.train
+        if t.stop_metric == "val" and t.stop_at_loss is not None and self.data.val_fraction == 0:
+            raise GptforgeError("train.stop_metric = 'val' needs a validation split; set data.val_fraction > 0 "
+                                "or train.stop_metric = 'train_full'")
+        if self.optim.schedule == "cosine" and self.decay_steps() is None:
+            raise GptforgeError("optim.schedule = 'cosine' needs a length: set optim.decay_steps, train.max_steps "
+                                "or train.max_tokens (or use optim.schedule = 'constant')")
+        self.grad_accum_steps()  # divisibility of tokens_per_update, for this process's world size
+
+    # ---- derived values
+
+    def world_size(self) -> int:
+        """Processes in this run: torchrun's WORLD_SIZE, else 1."""
+        try:
+            return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+        except ValueError:
+            return 1
+
+    def grad_accum_steps(self, world_size: int | None = None) -> int:
+        """Micro-batches per update, from grad_accum_steps or tokens_per_update (checked for divisibility)."""
+        t, world = self.train, world_size or self.world_size()
+        block = self.model.block_size_resolved()
+        if t.tokens_per_update is None:
+            return t.grad_accum_steps or 1
+        if block is None:  # preset unknown here (model module missing): checked again by the trainer
+            return t.grad_accum_steps or 1
+        per_micro = t.batch_size * block * world
+        if t.tokens_per_update % per_micro:
+            raise GptforgeError(
+                f"train.tokens_per_update = {t.tokens_per_update} is not a multiple of batch_size * block_size * "
+                f"world_size = {t.batch_size} * {block} * {world} = {per_micro}; choose a multiple of {per_micro}")
+        accum = t.tokens_per_update // per_micro
+        if t.grad_accum_steps is not None and t.grad_accum_steps != accum:
+            raise GptforgeError(
+                f"train.grad_accum_steps = {t.grad_accum_steps} contradicts train.tokens_per_update = "
+                f"{t.tokens_per_update} (which gives {accum} with {world} process(es)); set only one of them")
+        return accum
+
+    def tokens_per_update(self, world_size: int | None = None) -> int | None:
+        """Tokens per optimizer update over all processes (None while the block size is unknown)."""
+        world = world_size or self.world_size()
+        block = self.model.block_size_resolved()
+        if block is None:
+            return self.train.tokens_per_update
+        return self.train.batch_size * block * world * self.grad_accum_steps(world)
+
+    def decay_steps(self, world_size: int | None = None) -> int | None:
+        """Length of the LR schedule in updates: optim.decay_steps, train.max_steps, or from max_tokens."""
+        if self.optim.decay_steps is not None:
+            return self.optim.decay_steps
+        if self.train.max_steps is not None:
+            return self.train.max_steps
+        if self.train.max_tokens is not None:
+            tpu = self.tokens_per_update(world_size)
+            if tpu:
+                return max(1, math.ceil(self.train.max_tokens / tpu))
+        return None
+
+    # ---- serialisation
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def to_toml(self) -> str:
+        """Every section and field, with its docstring as a comment; unset fields as comments."""
+        lines = ["# gptforge run configuration (defaults < TOML file < command-line overrides)"]
+        for name in SECTIONS:
+            section = getattr(self, name)
+            lines += ["", f"[{name}]"]
+            docs = field_docs(type(section))
+            for f in dataclasses.fields(section):
+                value = getattr(section, f.name)
+                doc = docs.get(f.name, "")
+                if value is None:
+                    lines.append(f"# {f.name} = unset" + (f"  # {doc}" if doc else ""))
+                else:
+                    lines.append(f"{f.name} = {_toml_value(value)}" + (f"  # {doc}" if doc else ""))
+        return "\n".join(lines) + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        """Write to_toml() to `path` atomically (temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(self.to_toml(), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+
+SECTIONS = ("model", "data", "optim", "train")
+_SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
+    """Defaults < TOML file at `path` < `section.key=value` overrides; validated. Raises GptforgeError."""
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise GptforgeError(f"config file {path} does not exist; pass an existing TOML file to --config")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise GptforgeError(f"config file {path} is not valid TOML ({e}); fix the syntax") from None
+        for section, body in data.items():
+            if section not in values:
+                raise GptforgeError(f"config file {path}: unknown section [{section}]; allowed: {', '.join(SECTIONS)}")
+            if not isinstance(body, dict):
+                raise GptforgeError(f"config file {path}: '{section}' must be a table ([{section}])")
+            for key, value in body.items():
+                _field_type(section, key)  # unknown key -> error naming the allowed ones
+                values[section][key] = value
+    for item in overrides:
+        section, key, value = parse_override(item)
+        values[section][key] = value
+    return build_config(values)
+
+
+def build_config(values: dict[str, dict[str, Any]]) -> Config:
+    """A validated Config from {section: {field: value}} (missing fields take their defaults)."""
+    sections = {}
+    for name in SECTIONS:
+        cls = _SECTION_TYPES[name]
+        given = dict(values.get(name, {}))
+        for key in given:
+            _field_type(name, key)
+        if name == "train" and not given.keys() & {"max_steps", "max_tokens", "max_time", "stop_at_loss"}:
+            given["max_steps"] = 1000  # the default stop, unless the run names its own
+        sections[name] = cls.__new__(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            setattr(sections[name], f.name, given.get(f.name, default))
+    cfg = Config.__new__(Config)
+    for name in SECTIONS:
+        setattr(cfg, name, sections[name])
+    cfg.__post_init__()
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, typed value). Raises GptforgeError."""
+    item = item.removeprefix("--")
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise GptforgeError(f"override {item!r} is not of the form section.key=value (e.g. train.max_steps=100)")
+    dotted, raw = item.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    tp = _field_type(section, key)
+    raw = raw.strip()
+    if raw.lower() in ("none", "null", "unset") and _is_optional(tp):
+        return section, key, None
+    try:
+        value: Any = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as a corpus name or a path
+    if _allows(tp, str) and not isinstance(value, (str, list)):
+        value = raw  # e.g. data.corpus=2024 is a file name, not a number
+    return section, key, value
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstrings written under each field, read from the class source."""
+    import ast
+    import inspect
+
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    docs, last = {}, None
+    for node in tree.body[0].body:  # type: ignore[attr-defined]
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            last = node.target.id
+        elif last and isinstance(node, ast.Expr) and isinstance(getattr(node, "value", None), ast.Constant):
+            docs[last] = str(node.value.value).strip()
+            last = None
+        else:
+            last = None
+    return docs
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _model_presets() -> dict[str, dict] | None:
+    try:
+        from gptforge.model import PRESETS
+    except ImportError:  # the model module is optional for parsing a config
+        return None
+    return PRESETS
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise GptforgeError(f"{name} = {value!r} is invalid; allowed: {', '.join(repr(a) for a in allowed)}")
+
+
+def _field_type(section: str, key: str) -> Any:
+    if section not in _SECTION_TYPES:
+        raise GptforgeError(f"unknown config section {section!r}; allowed: {', '.join(SECTIONS)}")
+    hints = typing.get_type_hints(_SECTION_TYPES[section])
+    if key not in hints:
+        raise GptforgeError(f"unknown config field {section}.{key}; allowed: {', '.join(hints)}")
+    return hints[key]
+
+
+def _args(tp: Any) -> tuple:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return typing.get_args(tp)
+    return (tp,)
+
+
+def _is_optional(tp: Any) -> bool:
+    return type(None) in _args(tp)
+
+
+def _allows(tp: Any, kind: type) -> bool:
+    return kind in _args(tp)
+
+
+def _check_types(section: str, obj: Any) -> None:
+    """Coerce ints into float fields; reject anything that is not of the field's type."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        tp, value = hints[f.name], getattr(obj, f.name)
+        ok = False
+        for arg in _args(tp):
+            if arg is type(None) and value is None:
+                ok = True
+            elif arg is bool and isinstance(value, bool):
+                ok = True
+            elif arg is int and isinstance(value, int) and not isinstance(value, bool):
+                ok = True
+            elif arg is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+                setattr(obj, f.name, float(value))
+                ok = True
+            elif arg is str and isinstance(value, str):
+                ok = True
+            elif typing.get_origin(arg) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+                ok = True
+            if ok:
+                break
+        if not ok:
+            raise GptforgeError(f"{section}.{f.name} = {value!r} has the wrong type; expected {_type_name(tp)}")
+
+
+def _type_name(tp: Any) -> str:
+    names = []
+    for arg in _args(tp):
+        if arg is type(None):
+            names.append("unset (none)")
+        elif typing.get_origin(arg) is list:
+            names.append("a list of strings")
+        else:
+            names.append({bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(arg, str(arg)))
+    return " or ".join(names)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+# Fields a resumed run may change: when and how it stops, logs and saves, and where it runs, and the
+# length of the LR schedule (to train on past it). The rest (model, data, optimizer, batch) would make
+# the continuation a different run.
+RESUME_OVERRIDABLE = (
+    "optim.decay_steps", "train.max_steps", "train.max_tokens", "train.max_time", "train.stop_at_loss", "train.stop_metric",
+    "train.eval_every", "train.eval_batches", "train.log_every", "train.checkpoint_every", "train.keep_last",
+    "train.tensorboard", "train.device", "train.compile",
+)
+
+
+def resume_config(run_dir: str | Path, overrides: typing.Iterable[str] = ()) -> Config:
+    """RUN/config.toml with stop-limit (and logging/device) overrides; others raise GptforgeError."""
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
+        raise GptforgeError(f"{path} is missing; {run_dir} is not a gptforge run directory")
+    overrides = list(overrides)
+    for item in overrides:
+        section, key, _ = parse_override(item)
+        if f"{section}.{key}" not in RESUME_OVERRIDABLE:
+            raise GptforgeError(f"{section}.{key} cannot change when resuming; allowed: {', '.join(RESUME_OVERRIDABLE)}")
+    return load_config(path, overrides)

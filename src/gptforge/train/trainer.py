@@ -1,0 +1,561 @@
+"""The training loop: train() -> train_step() -> evaluate().
+
+    from gptforge.config import load_config
+    from gptforge.train.trainer import train
+    result = train(load_config("configs/tinyshakespeare-char.toml"), "runs/char")
+    result = train(config, "runs/char", resume=True)        # continue exactly where it stopped
+    torchrun --nproc_per_node=2 -m gptforge train --config ...   # the same loop under DDP
+
+What it logs is honest: the training loss of an update is the mean cross-entropy (nats/token) over
+all the update's tokens on all processes (the backward pass divides by the micro-steps; the log
+does not). Evaluation runs with dropout off over `eval_batches` fixed batches of each split, or,
+with `stop_metric = "train_full"`, over every token of the training split.
+
+Exactness of resume: the state saved in checkpoints/latest holds the step, tokens seen, elapsed
+time, best validation loss, the optimizer, the sampler's position and every RNG of every rank, so a
+run interrupted at step N and resumed computes the same updates as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gptforge.config import Config, load_config
+from gptforge.errors import GptforgeError
+from gptforge.train import checkpoint as ckpt
+from gptforge.train.optim import configure_optimizer, lr_at
+from gptforge.train.runtime import (
+    Runtime,
+    grad_scaler,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    setup_runtime,
+)
+
+EvalHook = Callable[[int, dict], None]
+
+
+@dataclass
+class TrainResult:
+    """Where a run ended: its directory, step and tokens, last losses and what stopped it."""
+
+    run_dir: Path
+    step: int
+    tokens: int
+    train_loss: float | None
+    val_loss: float | None
+    stopped_by: str
+
+
+def train(config: Config, out_dir: str | Path, resume: bool = False,
+          eval_hook: EvalHook | None = None) -> TrainResult:
+    """Train `config` into the run directory `out_dir` (or continue it with resume=True).
+
+    `eval_hook(step, record)` is called after each evaluation on rank 0; an exception it raises
+    stops the run after the latest checkpoint is saved and propagates. Ctrl-C or SIGTERM finish
+    the current step, save latest and raise KeyboardInterrupt. A non-finite loss raises
+    GptforgeError and leaves the last good checkpoint untouched."""
+    trainer = Trainer(config, out_dir, resume=resume, eval_hook=eval_hook)
+    return trainer.train()
+
+
+class Trainer:
+    """One run: model, optimizer, data stream and counters; `train()` drives it."""
+
+    def __init__(self, config: Config, out_dir: str | Path, resume: bool = False,
+                 eval_hook: EvalHook | None = None) -> None:
+        from gptforge.data.tokens import BatchSampler
+        from gptforge.model import GPT, GPTConfig
+
+        if not resume and config.optim.decay_steps is None and config.optim.schedule == "cosine":
+            # Freeze the schedule's length into the saved config, so that resuming with a larger
+            # train.max_steps continues the same schedule instead of silently reshaping it.
+            config = copy.deepcopy(config)
+            config.optim.decay_steps = config.decay_steps()
+        self.config, self.eval_hook = config, eval_hook
+        self.run_dir = Path(out_dir)
+        t, m = config.train, config.model
+        self._check_run_dir(resume)
+
+        self.rt: Runtime = setup_runtime(t.device, t.dtype)
+        self.world = self.rt.world_size
+        self.accum = config.grad_accum_steps(self.world)
+
+        # Data first: the tokenizer fixes the vocabulary size. Rank 0 prepares (or reuses) the token
+        # files while the others wait, then they read the same cache.
+        block_size = m.block_size_resolved()
+        if block_size is None:
+            block_size = GPTConfig.from_preset(m.preset).block_size
+        self.block_size = block_size
+        if self.rt.is_main:
+            self.data = self._prepare_data(resume)
+        self.rt.barrier()
+        if not self.rt.is_main:
+            self.data = self._prepare_data(resume)
+        self.tokenizer = self.data.tokenizer
+        self.tokens_per_update = t.batch_size * block_size * self.world * self.accum
+        self.total_steps = config.decay_steps(self.world)
+
+        # The model is built from the same seed on every rank (DDP also broadcasts rank 0's weights).
+        seed_everything(t.seed)
+        gpt_config = GPTConfig.from_preset(m.preset, vocab_size=self.tokenizer.vocab_size, **m.overrides())
+        self.raw_model = GPT(gpt_config).to(self.rt.device)
+        self.optimizer = configure_optimizer(self.raw_model, config.optim, self.rt.device)
+        self.scaler = grad_scaler(self.rt.device, self.rt.dtype)
+        self.sampler = BatchSampler(self.data.train, t.batch_size, block_size, mode=config.data.sampling,
+                                    seed=t.seed, rank=self.rt.rank, world_size=self.world)
+        # Dropout masks differ between ranks, as their data does.
+        torch.manual_seed(t.seed + self.rt.rank)
+
+        # Counters; all of them are part of state_dict().
+        self.step = 0            # optimizer updates done
+        self.tokens = 0          # training tokens consumed, all ranks
+        self.elapsed = 0.0       # training seconds, summed over resumed runs
+        self.best_val = math.inf
+        self.last_train_loss: float | None = None
+        self.last_val_loss: float | None = None
+        self.last_eval_step = -1
+        self.last_saved_step = -1
+
+        if resume:
+            self._load_latest()
+        elif t.init:
+            ckpt.load_weights(self.raw_model, ckpt.resolve_checkpoint(t.init), self.rt.device)
+
+        self.model: torch.nn.Module = self.raw_model
+        if t.compile:
+            self.model = torch.compile(self.raw_model)
+        self.eval_model = self.model  # evaluation needs no gradient sync
+        if self.rt.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+            self.model = DDP(self.model, device_ids=ids)
+
+        from gptforge.train.metrics import MetricsLogger
+
+        self.log = MetricsLogger(self.run_dir, total_steps=t.max_steps, enabled=self.rt.is_main,
+                                 tensorboard=t.tensorboard, resume_step=self.step if resume else None)
+        if self.rt.is_main and not resume:
+            config.save(self.run_dir / "config.toml")
+            self.tokenizer.save(self.run_dir / "tokenizer")
+
+    # ------------------------------------------------------------------------------------ the loop
+
+    def train(self) -> TrainResult:
+        """Run until a stop condition; returns the TrainResult. See the module docstring."""
+        t = self.config.train
+        self._log_start()
+        stop = _StopRequest()
+        stop.install()
+        start, elapsed0 = time.perf_counter(), self.elapsed
+        # Every rank must agree on when to stop: time is measured per rank, so after each step the
+        # flags travel with the loss in one all-reduce. Before the first step all ranks hold the
+        # same (saved) elapsed time.
+        self._time_up = t.max_time is not None and self.elapsed >= t.max_time
+        stopped_by, last = None, None
+        try:
+            while True:
+                stopped_by = self._limit_reached()
+                if stopped_by:
+                    break
+                loss, grad_norm, lr = self.train_step()
+                self.elapsed = elapsed0 + time.perf_counter() - start
+                time_up = t.max_time is not None and self.elapsed >= t.max_time
+                flags = torch.tensor([loss, float(stop.requested), float(time_up)], dtype=torch.float64)
+                if self.rt.distributed:
+                    flags = self.rt.all_reduce_sum(flags.to(self.rt.device)).cpu()
+                loss = float(flags[0]) / self.world  # the mean over ranks of equal-sized batches
+                self._time_up = bool(flags[2] > 0)
+                if not math.isfinite(loss):
+                    self._stop_on_nan(loss)
+                self.step += 1
+                self.tokens += self.tokens_per_update
+                self.last_train_loss = loss
+                last = (loss, grad_norm, lr)
+
+                if self.step % t.log_every == 0 or self.step == 1:
+                    self._log_train(*last)
+                if self.step % t.eval_every == 0:
+                    stopped_by = self._evaluate_and_maybe_stop()
+                if self.step % t.checkpoint_every == 0:
+                    self.save_checkpoint(keep_step_copy=True)
+                if flags[1] > 0:  # Ctrl-C or SIGTERM on some rank: the step is complete, save it
+                    self.save_checkpoint()
+                    self.log.event("stopped", reason="interrupted", value=self.step, step=self.step)
+                    raise KeyboardInterrupt
+                if stopped_by:
+                    break
+            if last is not None and self._last_logged_step != self.step:
+                self._log_train(*last)
+            if self.last_eval_step != self.step:
+                self._evaluate_and_maybe_stop(final=True)
+            self.save_checkpoint(keep_step_copy=self.step % t.checkpoint_every == 0)
+        except BaseException:
+            stop.uninstall()
+            self._finish()
+            raise
+        stop.uninstall()
+        self._finish()
+        return TrainResult(run_dir=self.run_dir, step=self.step, tokens=self.tokens,
+                           train_loss=self.last_train_loss, val_loss=self.last_val_loss, stopped_by=stopped_by)
+
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer update over `accum` micro-batches; returns (this rank's mean loss, grad norm, lr).
+
+        Each micro-batch's loss is divided by the number of micro-steps for the backward pass only,
+        so the accumulated gradient is that of the mean over the update's tokens."""
+        o = self.config.optim
+        lr = lr_at(self.step, o, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.rt.device, dtype=torch.float32)
+        for micro in range(self.accum):
+            x, y = self.sampler.next_batch()
+            x, y = x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
+            last = micro == self.accum - 1
+            # DDP all-reduces gradients on every backward unless told not to; only the last counts.
+            sync = contextlib.nullcontext() if (last or not self.rt.distributed) else self.model.no_sync()
+            with sync:
+                with self.rt.autocast():
+                    _, loss = self.model(x, y)
+                self.scaler.scale(loss / self.accum).backward()
+            loss_sum += loss.detach().float()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = o.grad_clip if o.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        loss = float(loss_sum) / self.accum
+        if math.isfinite(loss):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, float(grad_norm), lr
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Losses with dropout off: val_loss and train_loss over `eval_batches` fixed batches each
+        (the same windows at every evaluation, so the curve compares like with like), or train_loss
+        over the whole training split when stop_metric is "train_full"."""
+        t = self.config.train
+        record: dict[str, Any] = {"tokens": self.tokens}
+        self.eval_model.eval()
+        try:
+            if self.data.val is not None and len(self.data.val) > self.block_size:
+                record["val_loss"] = self._estimate_loss(self.data.val, seed=t.seed + 1)
+            if t.stop_metric == "train_full":
+                loss, count = split_loss(self.eval_model, self.data.train, self.block_size, t.batch_size,
+                                         self.rt, rank=self.rt.rank, world_size=self.world)
+                record["train_loss"] = loss
+                record["train_loss_tokens"] = count
+            else:
+                record["train_loss"] = self._estimate_loss(self.data.train, seed=t.seed + 2)
+        finally:
+            self.eval_model.train()
+        return record
+
+    # ------------------------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the weights that a resume needs; tensors and plain containers only."""
+        rng = rng_state()
+        if self.rt.distributed:  # every rank's generators, gathered on all ranks (rank 0 saves them)
+            rngs: list[Any] = [None] * self.world
+            torch.distributed.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        return {
+            "trainer": {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
+                        "best_val": self.best_val, "last_train_loss": self.last_train_loss,
+                        "last_val_loss": self.last_val_loss, "last_eval_step": self.last_eval_step,
+                        "world_size": self.world, "accum": self.accum},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "sampler": {k: int(v) if isinstance(v, (int, np.integer)) else v
+                        for k, v in self.sampler.state_dict().items()},
+            "rng": rngs,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        tr = state["trainer"]
+        if int(tr["world_size"]) * int(tr["accum"]) != self.world * self.accum:
+            raise GptforgeError(
+                f"the run was trained with {tr['world_size']} process(es) x {tr['accum']} accumulation steps; "
+                f"resume with the same global batch (now {self.world} x {self.accum})")
+        self.step, self.tokens, self.elapsed = int(tr["step"]), int(tr["tokens"]), float(tr["elapsed"])
+        self.best_val = float(tr["best_val"])
+        self.last_train_loss, self.last_val_loss = tr["last_train_loss"], tr["last_val_loss"]
+        self.last_eval_step = int(tr["last_eval_step"])
+        self.last_saved_step = self.step
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.sampler.load_state_dict(state["sampler"])
+        rngs = state["rng"]
+        # Same world size: each rank its own generators; otherwise rank 0's (not bit-exact then).
+        set_rng_state(rngs[self.rt.rank] if len(rngs) == self.world else rngs[0])
+
+    def save_checkpoint(self, keep_step_copy: bool = False) -> None:
+        """checkpoints/latest (atomically), plus a step-NNNNNNN copy and pruning when asked."""
+        state = self.state_dict()  # collective under DDP: every rank takes part
+        if self.rt.is_main and self.last_saved_step != self.step:
+            latest = self.run_dir / ckpt.CHECKPOINTS / "latest"
+            ckpt.save_model(latest, self.raw_model, self._info(), state=state)
+            self.last_saved_step = self.step
+        if self.rt.is_main and keep_step_copy and self.config.train.keep_last > 0:
+            latest = self.run_dir / ckpt.CHECKPOINTS / "latest"
+            ckpt.copy_checkpoint(latest, self.run_dir / ckpt.CHECKPOINTS / ckpt.step_name(self.step))
+            ckpt.prune_step_checkpoints(self.run_dir, self.config.train.keep_last)
+        self.rt.barrier()
+        self._interval = (time.perf_counter(), self.tokens)
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    def _evaluate_and_maybe_stop(self, final: bool = False) -> str | None:
+        t = self.config.train
+        record = self.evaluate()
+        self.last_eval_step = self.step
+        self.last_val_loss = record.get("val_loss", self.last_val_loss)
+        self.log.log_eval(self.step, **record)
+        self._interval = (time.perf_counter(), self.tokens)  # tokens/s counts training time only
+        val = record.get("val_loss")
+        if val is not None and val < self.best_val:
+            self.best_val = val
+            if self.rt.is_main:
+                ckpt.save_model(self.run_dir / ckpt.CHECKPOINTS / "best", self.raw_model, self._info())
+        if self.eval_hook is not None and self.rt.is_main:
+            try:
+                self.eval_hook(self.step, {"step": self.step, **record})
+            except BaseException as e:
+                self.save_checkpoint()
+                self.log.event("stopped", reason="eval_hook", step=self.step, value=type(e).__name__)
+                raise
+        if t.stop_at_loss is not None and not final:
+            metric = "val_loss" if t.stop_metric == "val" else "train_loss"
+            value = record.get(metric)
+            if value is not None and value <= t.stop_at_loss:
+                self.log.event("stopped", reason="stop_at_loss", metric=metric, value=value,
+                               target=t.stop_at_loss, step=self.step)
+                return "stop_at_loss"
+        return None
+
+    def _limit_reached(self) -> str | None:
+        """The name of the limit that ends the run before another step, logged with its value."""
+        t = self.config.train
+        reason, value = None, None
+        if t.max_steps is not None and self.step >= t.max_steps:
+            reason, value = "max_steps", self.step
+        elif t.max_tokens is not None and self.tokens >= t.max_tokens:
+            reason, value = "max_tokens", self.tokens
+        elif self._time_up:
+            reason, value = "max_time", round(self.elapsed, 3)
+        if reason:
+            self.log.event("stopped", reason=reason, value=value, step=self.step)
+        return reason
+
+    def _estimate_loss(self, tokens: np.ndarray, seed: int) -> float:
+        from gptforge.data.tokens import BatchSampler
+
+        t = self.config.train
+        sampler = BatchSampler(tokens, t.batch_size, self.block_size, mode="random", seed=seed,
+                               rank=self.rt.rank, world_size=self.world)
+        total = torch.zeros((), dtype=torch.float64, device=self.rt.device)
+        for _ in range(t.eval_batches):
+            x, y = sampler.next_batch()
+            with self.rt.autocast():
+                _, loss = self.eval_model(x.to(self.rt.device), y.to(self.rt.device))
+            total += loss.double()
+        total = self.rt.all_reduce_sum(total)
+        return float(total) / (t.eval_batches * self.world)
+
+    def _stop_on_nan(self, loss: float) -> None:
+        latest = self.run_dir / ckpt.CHECKPOINTS / "latest"
+        where = (f"the last good checkpoint is {latest} (step {self.last_saved_step})"
+                 if self.last_saved_step >= 0 else "no checkpoint was saved yet")
+        self.log.event("stopped", reason="nan", value=str(loss), step=self.step + 1)
+        raise GptforgeError(f"the training loss became {loss} at step {self.step + 1}; {where}; "
+                            "lower optim.lr, set optim.grad_clip, or use train.dtype=bfloat16/float32")
+
+    def _log_train(self, loss: float, grad_norm: float, lr: float) -> None:
+        now = time.perf_counter()
+        t0, tok0 = self._interval
+        dt = max(now - t0, 1e-9)
+        tps = (self.tokens - tok0) / dt
+        self._interval = (now, self.tokens)
+        fields = {"tokens": self.tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": tps, "elapsed_s": round(self.elapsed, 3)}
+        if self.config.data.sampling == "sequential":
+            fields["epoch"] = self.sampler.epoch
+        if self._peak_flops:
+            from gptforge.train.metrics import mfu
+
+            fields["mfu"] = mfu(self._flops_per_token, tps / self.world, self._peak_flops)
+        self.log.log_train(self.step, **fields)
+        self._last_logged_step = self.step
+
+    def _log_start(self) -> None:
+        from gptforge.train.metrics import device_peak_flops
+
+        self._flops_per_token = float(self.raw_model.flops_per_token())
+        self._peak_flops, peak_source = None, "unknown"
+        if self.rt.is_main:
+            try:
+                self._peak_flops, peak_source = device_peak_flops(self.rt.device, self.rt.dtype)
+            except Exception as e:  # MFU is a nicety; never fail a run over it
+                peak_source = f"unavailable ({type(e).__name__})"
+        self._interval = (time.perf_counter(), self.tokens)
+        self._last_logged_step = self.step
+        self.log.event(
+            "resumed" if self.step else "started", step=self.step, run_dir=str(self.run_dir),
+            device=str(self.rt.device), dtype=str(self.rt.dtype).removeprefix("torch."), world_size=self.world,
+            params=self.raw_model.num_params(), batch_size=self.config.train.batch_size,
+            grad_accum_steps=self.accum, tokens_per_update=self.tokens_per_update, block_size=self.block_size,
+            vocab_size=self.tokenizer.vocab_size, train_tokens=len(self.data.train),
+            val_tokens=0 if self.data.val is None else len(self.data.val), peak_flops=self._peak_flops,
+            peak_flops_source=peak_source)
+
+    def _finish(self) -> None:
+        self.log.close()
+        if self.rt.is_main and (self.run_dir / "metrics.jsonl").is_file():
+            try:
+                from gptforge.plot import plot_run
+
+                plot_run(self.run_dir)
+            except Exception as e:  # the run's results matter more than its picture
+                print(f"gptforge: could not draw {self.run_dir / 'loss.png'}: {type(e).__name__}: {e}")
+        self.rt.close()
+
+    def _info(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens, "train_loss": self.last_train_loss,
+                "val_loss": self.last_val_loss, "time": round(self.elapsed, 3)}
+
+    def _check_run_dir(self, resume: bool) -> None:
+        latest = self.run_dir / ckpt.CHECKPOINTS / "latest"
+        if resume:
+            ckpt.resolve_checkpoint(self.run_dir, "latest")  # clear error when there is none
+        elif latest.exists() or (self.run_dir / "config.toml").exists():
+            raise GptforgeError(f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir}, "
+                                "or pick another --out")
+
+    def _prepare_data(self, resume: bool):
+        from gptforge.data.tokens import prepare
+
+        d = self.config.data
+        tokenizer: Any = d.tokenizer
+        if resume or (self.run_dir / "tokenizer").is_dir():
+            # The saved tokenizer, so a char/bpe vocabulary is never rebuilt differently.
+            from gptforge.data.tokenizers import load_tokenizer
+
+            tokenizer = load_tokenizer(self.run_dir / "tokenizer")
+        return prepare(d.corpus, tokenizer=tokenizer, val_fraction=d.val_fraction,
+                       bpe_vocab_size=d.bpe_vocab_size if d.tokenizer == "bpe" else None,
+                       block_size=self.block_size)
+
+    def _load_latest(self) -> None:
+        latest = ckpt.resolve_checkpoint(self.run_dir, "latest")
+        ckpt.load_weights(self.raw_model, latest, self.rt.device)
+        self.load_state_dict(ckpt.load_state(latest, map_location=self.rt.device))
+
+
+# --------------------------------------------------------------------------------------------- eval
+
+
+@torch.no_grad()
+def split_loss(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_size: int, rt: Runtime,
+               rank: int = 0, world_size: int = 1) -> tuple[float, int]:
+    """Exact mean cross-entropy over a whole split: windows of block_size with stride block_size,
+    so every token but the first is predicted exactly once. Returns (mean loss, tokens counted).
+
+    The last window is shorter; its missing targets are -1 (ignored). Under DDP each rank takes
+    every world_size-th window and the sums are all-reduced."""
+    n = len(tokens)
+    if n < 2:
+        raise GptforgeError(f"a split of {n} token(s) has nothing to predict; give more text")
+    num_windows = math.ceil((n - 1) / block_size)
+    mine = list(range(rank, num_windows, world_size))
+    totals = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (sum of losses, tokens)
+    for b in range(0, len(mine), batch_size):
+        windows = mine[b:b + batch_size]
+        x = torch.zeros((len(windows), block_size), dtype=torch.int64)
+        y = torch.full((len(windows), block_size), -1, dtype=torch.int64)
+        for row, w in enumerate(windows):
+            start = w * block_size
+            chunk = torch.from_numpy(np.asarray(tokens[start:start + block_size + 1], dtype=np.int64))
+            length = len(chunk) - 1
+            x[row, :length] = chunk[:-1]
+            y[row, :length] = chunk[1:]
+        count = int((y != -1).sum())
+        with rt.autocast():
+            _, loss = model(x.to(rt.device), y.to(rt.device))
+        totals[0] += loss.double() * count
+        totals[1] += count
+    totals = rt.all_reduce_sum(totals)
+    return float(totals[0] / totals[1]), int(totals[1])
+
+
+def evaluate_run(run: str | Path, split: str = "val", which: str = "latest", device: str = "auto",
+                 dtype: str = "float32", batch_size: int | None = None) -> dict[str, Any]:
+    """`gptforge eval RUN`: exact mean cross-entropy of a checkpoint over a whole split.
+
+    float32 by default, so the number does not depend on the precision the run trained in.
+    Returns {"split", "loss", "tokens", "checkpoint", "step"}."""
+    from gptforge.data.tokens import prepare
+
+    if split not in ("train", "val"):
+        raise GptforgeError(f"split {split!r} is unknown; use 'train' or 'val'")
+    run = Path(run)
+    path = ckpt.resolve_checkpoint(run, which)
+    run_dir = ckpt.run_dir_of(path)
+    config = load_config(run_dir / "config.toml")
+    rt = setup_runtime(device, dtype)
+    model, tokenizer, info = ckpt.load_model(path, device=rt.device)
+    d = config.data
+    data = prepare(d.corpus, tokenizer=tokenizer, val_fraction=d.val_fraction,
+                   bpe_vocab_size=d.bpe_vocab_size if d.tokenizer == "bpe" else None)
+    tokens = data.train if split == "train" else data.val
+    if tokens is None:
+        raise GptforgeError(f"{run_dir} was trained without a validation split (data.val_fraction = 0); "
+                            "use --split train")
+    loss, count = split_loss(model, tokens, model.config.block_size, batch_size or config.train.batch_size, rt)
+    return {"split": split, "loss": loss, "tokens": count, "checkpoint": str(path), "step": info.get("step")}
+
+
+# --------------------------------------------------------------------------------------------- signals
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag that the loop checks between steps (so the step finishes and the
+    checkpoint is consistent); a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handler)
+
+    def uninstall(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
