@@ -143,12 +143,19 @@ def _run_eval(args: argparse.Namespace) -> None:
 
 
 def _add_plot(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plot", help="draw a run's loss and learning-rate curves into a PNG")
+    p = sub.add_parser("plot", help="draw a run's loss and learning-rate curves into a PNG",
+                       description="Draw train and validation loss against steps and tokens, with the "
+                                   "learning rate beneath, from RUN/metrics.jsonl.")
+    p.add_argument("run", help="run directory (the --out of gptforge train)")
+    p.add_argument("--out", default=None, help="PNG to write (default: RUN/loss.png)")
+    p.add_argument("--log-y", action="store_true", help="logarithmic loss axis")
     p.set_defaults(func=_run_plot)
 
 
 def _run_plot(args: argparse.Namespace) -> None:
-    raise GptforgeError("plot is not implemented yet")
+    from gptforge.plot import plot_run
+
+    print(plot_run(args.run, args.out, log_y=args.log_y))
 
 
 # --------------------------------------------------------------------------------------------- generate

@@ -1,0 +1,125 @@
+"""Loss and learning-rate curves of a run, drawn from RUN/metrics.jsonl into a PNG.
+
+    gptforge plot runs/demo                 # writes runs/demo/loss.png
+    gptforge plot runs/demo --out demo.png --log-y
+
+    from gptforge.plot import plot_run
+    plot_run("runs/demo")                   # -> Path("runs/demo/loss.png")
+
+Everything comes from metrics.jsonl, so any run (finished, interrupted, resumed) can be drawn again.
+Matplotlib is used through its Agg canvas only: no pyplot, no global backend switch, no display needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from gptforge.errors import GptforgeError
+
+__all__ = ["plot_run", "read_metrics"]
+
+
+def read_metrics(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """RUN/metrics.jsonl as {"train": [...], "eval": [...], "event": [...]}, each sorted by step. A line cut
+    short by a kill is skipped; a step logged twice keeps its last record."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not run_dir.is_dir():
+        raise GptforgeError(f"{run_dir} is not a directory; pass a run directory (the --out of gptforge train)")
+    if not path.is_file():
+        raise GptforgeError(f"{path} not found; pass a run directory that gptforge train has logged into")
+    by_step: dict[str, dict[Any, dict[str, Any]]] = {"train": {}, "eval": {}}
+    events: list[dict[str, Any]] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        kind = record.get("kind")
+        if kind in by_step and isinstance(record.get("step"), (int, float)):
+            by_step[kind][record["step"]] = record
+        elif kind == "event":
+            events.append(record)
+    if not by_step["train"] and not by_step["eval"]:
+        raise GptforgeError(f"{path} has no train or eval records yet; plot once the run has logged a step")
+    return {
+        "train": [by_step["train"][s] for s in sorted(by_step["train"])],
+        "eval": [by_step["eval"][s] for s in sorted(by_step["eval"])],
+        "event": events,
+    }
+
+
+def _series(records: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:
+    pairs = [(r[x], r[y]) for r in records if r.get(x) is not None and r.get(y) is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None, *, log_y: bool = False) -> Path:
+    """Draw train and validation loss against steps and against tokens, the LR beneath, into a PNG
+    (default RUN/loss.png) and return its path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter
+
+    run_dir = Path(run_dir)
+    metrics = read_metrics(run_dir)
+    train, evals = metrics["train"], metrics["eval"]
+    has_tokens = any("tokens" in r for r in train + evals)
+    xs = ["step", "tokens"] if has_tokens else ["step"]
+
+    fig = Figure(figsize=(6.5 * len(xs), 6.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(2, len(xs), height_ratios=[3, 1])
+    resumes = [e["step"] for e in metrics["event"] if e.get("event") == "resumed" and "step" in e]
+
+    for col, x in enumerate(xs):
+        ax = fig.add_subplot(grid[0, col])
+        ax_lr = fig.add_subplot(grid[1, col], sharex=ax)
+        lines = [
+            (train, "loss", "train", {"color": "C0", "linewidth": 1.0, "alpha": 0.8}),
+            (evals, "train_loss", "train (eval mode)", {"color": "C0", "linestyle": "--", "marker": "o",
+                                                   "markersize": 3}),
+            (evals, "val_loss", "val", {"color": "C1", "marker": "o", "markersize": 3}),
+        ]
+        for records, key, label, style in lines:
+            xv, yv = _series(records, x, key)
+            if yv:
+                ax.plot(xv, yv, label=f"{label} (final {yv[-1]:.4f})", **style)
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper right")
+        ax.tick_params(labelbottom=False)
+
+        xv, lr = _series(train, x, "lr")
+        if lr:
+            ax_lr.plot(xv, lr, color="C2", linewidth=1.0)
+        ax_lr.set_ylabel("learning rate")
+        ax_lr.set_xlabel("tokens" if x == "tokens" else "step")
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        ax_lr.grid(True, alpha=0.3)
+        if x == "tokens":
+            ax_lr.xaxis.set_major_formatter(EngFormatter())  # 300M, not 3e8
+        if x == "step":
+            for step in resumes:  # where a resumed run picked up again
+                for a in (ax, ax_lr):
+                    a.axvline(step, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"loss vs {'tokens' if x == 'tokens' else 'steps'}")
+
+    last = (train or evals)[-1]
+    fig.suptitle(f"{run_dir.resolve().name}: step {last['step']:,}"
+                 + (f", {last['tokens']:,} tokens" if "tokens" in last else ""))
+
+    out = Path(out) if out is not None else run_dir / "loss.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, out)  # a reader (or a kill) never sees half a PNG
+    return out

@@ -1,0 +1,92 @@
+"""gptforge.plot and `gptforge plot`: a PNG drawn from metrics.jsonl, and clear errors without one."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gptforge.cli import main
+from gptforge.errors import GptforgeError
+from gptforge.plot import plot_run, read_metrics
+from gptforge.train.metrics import MetricsLogger
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _fake_run(run_dir, scale: float = 1.0, steps: int = 40):
+    """A run directory whose metrics.jsonl is written by the real logger."""
+    with MetricsLogger(run_dir, total_steps=steps) as log:
+        for step in range(1, steps + 1):
+            lr = 1e-3 * min(1.0, step / 5) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            log.log_train(step, tokens=step * 512, loss=scale * (4.0 / math.sqrt(step)) + 1.0, lr=lr)
+            if step % 10 == 0:
+                log.log_eval(step, tokens=step * 512, val_loss=scale * 4.2 / math.sqrt(step) + 1.1,
+                             train_loss=scale * 4.0 / math.sqrt(step) + 1.0)
+        log.event("resumed", step=20)
+    return run_dir
+
+
+def test_plot_writes_a_png_that_depends_on_the_data(tmp_path, capsys):
+    a = _fake_run(tmp_path / "a")
+    b = _fake_run(tmp_path / "b", scale=2.0)
+    png_a = plot_run(a)
+    assert png_a == a / "loss.png"
+    data = png_a.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+    # Width x height from the IHDR chunk: two panels side by side (steps and tokens) make it wide.
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width > height > 300
+
+    png_b = plot_run(b, tmp_path / "out" / "b.png")
+    assert png_b == tmp_path / "out" / "b.png"
+    assert png_b.read_bytes() != data
+    # Same run name and data again: the bytes are the same, so the difference above is the data.
+    c = _fake_run(tmp_path / "c" / "a")
+    assert plot_run(c).read_bytes() == data
+    assert not list(a.glob("*.tmp"))
+
+
+def test_read_metrics_skips_a_torn_line_and_keeps_the_last_duplicate(tmp_path):
+    run = _fake_run(tmp_path / "r", steps=3)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 3, "loss": 0.5}\n{"kind": "train", "st')
+    m = read_metrics(run)
+    assert [r["step"] for r in m["train"]] == [1, 2, 3]
+    assert m["train"][-1]["loss"] == 0.5
+    assert [e["event"] for e in m["event"]] == ["resumed"]
+
+
+def test_log_scale_without_tokens(tmp_path):
+    run = tmp_path / "r"
+    with MetricsLogger(run) as log:
+        for step in range(1, 6):
+            log.log_train(step, loss=5.0 / step, lr=1e-3)
+    linear = plot_run(run, tmp_path / "lin.png").read_bytes()
+    log_y = plot_run(run, tmp_path / "log.png", log_y=True).read_bytes()
+    assert log_y.startswith(PNG_MAGIC) and log_y != linear
+    width, height = int.from_bytes(linear[16:20], "big"), int.from_bytes(linear[20:24], "big")
+    assert width == height  # one column: no tokens to plot against
+
+
+@pytest.mark.parametrize("content", [None, "", "not json\n", '{"kind": "event", "event": "started", "step": 0}\n'])
+def test_missing_or_empty_metrics_is_an_error(tmp_path, content):
+    if content is not None:
+        (tmp_path / "metrics.jsonl").write_text(content)
+    with pytest.raises(GptforgeError, match="metrics.jsonl"):
+        plot_run(tmp_path)
+    assert not (tmp_path / "loss.png").exists()
+
+
+def test_cli_plot(tmp_path, capsys):
+    run = _fake_run(tmp_path / "run", steps=12)
+    capsys.readouterr()
+    main(["plot", str(run), "--out", str(tmp_path / "x.png"), "--log-y"])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "x.png")
+    assert (tmp_path / "x.png").read_bytes().startswith(PNG_MAGIC)
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plot", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gptforge: error: ") and "not a directory" in err and "Traceback" not in err
