@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 
 import numpy as np
@@ -84,6 +85,29 @@ def test_cache_reuse_and_invalidation(tmp_path):
     changed = prepare(str(src), tokenizer="char")
     assert not changed.reused and changed.dir != first.dir
     assert changed.tokenizer.decode(changed.train[:20].tolist()) == "a different corpus! "
+
+
+def test_cache_entries_appear_whole_even_when_two_processes_race(tmp_path, monkeypatch):
+    src = tmp_path / "c.txt"
+    src.write_text("to be or not to be " * 40, encoding="utf-8")
+    real_rename = tokens_mod.os.rename
+
+    def other_process_wins(a, b):
+        shutil.copytree(a, b)  # another rank published the same entry a moment before us
+        return real_rename(a, b)
+
+    monkeypatch.setattr(tokens_mod.os, "rename", other_process_wins)
+    data = prepare(str(src), tokenizer="char")
+    monkeypatch.setattr(tokens_mod.os, "rename", real_rename)
+    assert data.reused and data.tokenizer.decode(data.train[:6].tolist()) == "to be "
+    assert [p.name for p in (cache_dir() / "tokens").iterdir()] == [data.dir.name]  # no temp dirs left
+
+    # A stale entry (damaged meta.json) is replaced whole.
+    (data.dir / "meta.json").write_text("{", encoding="utf-8")
+    again = prepare(str(src), tokenizer="char")
+    assert not again.reused and again.dir == data.dir
+    assert [p.name for p in (cache_dir() / "tokens").iterdir()] == [data.dir.name]
+    assert prepare(str(src), tokenizer="char").reused
 
 
 def test_out_dir_is_rewritten_when_meta_does_not_match(tmp_path):

@@ -168,6 +168,9 @@ def _looks_like_a_name(spec: str) -> bool:
 def _expand(spec: str) -> list[tuple[str, str]]:
     """(source, text) pairs for one spec item."""
     if spec == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise GptforgeError("--corpus - reads standard input, but nothing is piped in; "
+                                "e.g. cat book.txt | gptforge prepare --corpus -")
         return [("<stdin>", decode_text(sys.stdin.buffer.read(), "standard input"))]
     path = Path(spec).expanduser()
     if path.is_dir():

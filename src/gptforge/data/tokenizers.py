@@ -12,6 +12,7 @@ byte-level, so that is any text at all). A saved tokenizer is a directory of JSO
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -76,9 +77,14 @@ class Tokenizer(ABC):
 
     def encode_to_array(self, text: str) -> np.ndarray:
         """The whole text as one int64 array, encoded in parallel chunks where the tokenizer can."""
-        parts = self.encode_batch(split_for_batch(text))
-        return np.fromiter((i for p in parts for i in p), dtype=np.int64,
-                           count=sum(len(p) for p in parts))
+        chunks = split_for_batch(text)
+        arrays = [np.zeros(0, dtype=np.int64)]
+        # A few MB of text per batch: Python lists of ids cost ~40 bytes a token, so never hold
+        # the whole corpus's ids as lists at once.
+        group = 64
+        for i in range(0, len(chunks), group):
+            arrays.extend(np.array(ids, dtype=np.int64) for ids in self.encode_batch(chunks[i:i + group]))
+        return np.concatenate(arrays)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write the tokenizer into `directory` (created if needed) as JSON."""
@@ -105,16 +111,22 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def _gpt2_encoding():
     """GPT-2's encoding, built offline from $GPTFORGE_DATA_DIR/gpt2/gpt2.tiktoken when it is there."""
-    import tiktoken
-    import tiktoken.load
-
     from gptforge.data.corpus import data_dir
 
     local = data_dir()
     path = local / "gpt2" / "gpt2.tiktoken" if local is not None else None
-    if path is not None and path.is_file():
+    return _gpt2_encoding_from(str(path) if path is not None and path.is_file() else None)
+
+
+@functools.lru_cache(maxsize=4)
+def _gpt2_encoding_from(path: str | None):
+    # Cached: parsing the 50k merge ranks takes ~0.25 s and the encoding is immutable.
+    import tiktoken
+    import tiktoken.load
+
+    if path is not None:
         return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN,
-                                 mergeable_ranks=tiktoken.load.load_tiktoken_bpe(str(path)),
+                                 mergeable_ranks=tiktoken.load.load_tiktoken_bpe(path),
                                  special_tokens={GPT2_EOT: 50256})
     try:
         return tiktoken.get_encoding("gpt2")

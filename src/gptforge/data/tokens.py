@@ -252,13 +252,44 @@ def prepare(
         "val_tokens": int(n_val or 0),
         "key": key,
     }
-    _write_prepared(d, tok, ids, n_train, meta, created=not d.exists())
-    result = _load_prepared(d, expect)
-    if result is None:  # only if another process broke the directory between our write and read
-        raise GptforgeError(f"prepared files in {d} could not be read back; prepare the data again")
-    result.reused = False
-    result.seconds = time.perf_counter() - start
-    return result
+    if out is not None:
+        _write_prepared(d, tok, ids, n_train, meta, created=not d.exists())
+    else:
+        theirs = _publish_to_cache(d, tok, ids, n_train, meta, expect)
+        if theirs is not None:  # another process (e.g. another rank) published the same key first
+            theirs.seconds = time.perf_counter() - start
+            return theirs
+    train = read_tokens(d / "train.bin")
+    val = read_tokens(d / "val.bin") if n_val else None
+    return Prepared(dir=d, meta=meta, train=train, val=val, tokenizer=tok, reused=False,
+                    seconds=time.perf_counter() - start)
+
+
+_STALE_TMP_SECONDS = 6 * 3600
+
+
+def _publish_to_cache(d: Path, tok: Tokenizer, ids: np.ndarray, n_train: int, meta: dict,
+                      expect: dict) -> Prepared | None:
+    """Write a cache entry under a private temporary name, then rename it into place, so readers
+    only ever see complete entries. Returns the other entry when another process won the race."""
+    tmp = d.parent / f".{d.name}.tmp{os.getpid()}"
+    for old in d.parent.glob(f".{d.name}.tmp*") if d.parent.is_dir() else ():
+        # Left by a killed prepare; a live one touches its directory far more often than this.
+        if time.time() - old.stat().st_mtime > _STALE_TMP_SECONDS:
+            shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    _write_prepared(tmp, tok, ids, n_train, meta, created=True)
+    if d.exists():  # a stale entry: its meta.json did not match, or its files were damaged
+        shutil.rmtree(d, ignore_errors=True)
+    try:
+        os.rename(tmp, d)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        theirs = _load_prepared(d, expect)
+        if theirs is None:
+            raise GptforgeError(f"cannot publish prepared data at {d}; remove it and prepare again") from None
+        return theirs
+    return None
 
 
 def _write_prepared(d: Path, tok: Tokenizer, ids: np.ndarray, n_train: int, meta: dict,
