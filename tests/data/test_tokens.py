@@ -12,7 +12,7 @@ import torch
 
 from gptforge.data import tokens as tokens_mod
 from gptforge.data.corpus import cache_dir, load_corpus
-from gptforge.data.tokenizers import build_tokenizer
+from gptforge.data.tokenizers import build_tokenizer, load_tokenizer
 from gptforge.data.tokens import HEADER_BYTES, MAGIC, BatchSampler, prepare, read_tokens, write_tokens
 from gptforge.errors import GptforgeError
 
@@ -186,6 +186,14 @@ def test_prepare_with_a_tokenizer_object(tmp_path, shakespeare_text):
     # The corpus's own char tokenizer has a smaller alphabet: a different key, never the same tokens.
     own = prepare(str(src), tokenizer="char", val_fraction=0)
     assert not own.reused and own.meta["vocab_size"] < 65
+    # A resumed run passes its saved tokenizer: when it is the one the spec built, that entry is reused.
+    resumed = prepare(str(src), tokenizer=own.tokenizer, val_fraction=0)
+    assert resumed.reused and resumed.dir == own.dir
+    bpe = prepare(str(src), tokenizer="bpe", bpe_vocab_size=300, val_fraction=0)
+    reloaded = load_tokenizer(bpe.dir / "tokenizer")
+    assert prepare(str(src), tokenizer=reloaded, bpe_vocab_size=300, val_fraction=0).dir == bpe.dir
+    gpt2 = prepare(str(src), tokenizer="gpt2", val_fraction=0)
+    assert prepare(str(src), tokenizer=gpt2.tokenizer, val_fraction=0).dir == gpt2.dir
 
 
 # --------------------------------------------------------------------------------------------- BatchSampler

@@ -136,6 +136,18 @@ def _fingerprint(tok: Tokenizer) -> str:
     return h.hexdigest()
 
 
+def _same_tokenizer_entry(corpus: Corpus, given: Tokenizer, bpe_vocab_size: int | None,
+                          val_fraction: float, fingerprint: str) -> Prepared | None:
+    requested = (bpe_vocab_size or BPE_VOCAB_DEFAULT) if given.spec == "bpe" else None
+    d = cache_dir() / "tokens" / _cache_key(corpus, given.spec, requested, val_fraction, None)
+    expect = {"format_version": FORMAT_VERSION, "source_sha256": corpus.sha256, "tokenizer": given.spec,
+              "requested_vocab_size": requested, "val_fraction": val_fraction, "tokenizer_fingerprint": None}
+    found = _load_prepared(d, expect)
+    if found is None or _fingerprint(found.tokenizer) != fingerprint:
+        return None
+    return found
+
+
 def _check_length(n_train: int, n_val: int | None, block_size: int | None, where: str) -> None:
     """Enough tokens for one training window and (when split) one validation window."""
     need = (block_size or 1) + 1  # a window of inputs plus the next token as its last target
@@ -203,6 +215,9 @@ def prepare(
         raise GptforgeError(f"block size {block_size} is out of range; choose a positive integer")
     val_fraction = float(val_fraction)
     given = tokenizer if isinstance(tokenizer, Tokenizer) else None
+    if given is not None and given.spec == "gpt2":
+        # GPT-2's BPE is fixed, so a GPT-2 tokenizer object keys the cache like the name "gpt2".
+        given, tokenizer = None, "gpt2"
     spec = given.spec if given is not None else check_spec(tokenizer)
     if bpe_vocab_size is not None and spec != "bpe":
         raise GptforgeError(f"a bpe vocabulary size only applies to --tokenizer bpe, not {spec!r}")
@@ -220,6 +235,10 @@ def prepare(
               "tokenizer_fingerprint": fingerprint}
 
     found = _load_prepared(d, expect)
+    if found is None and given is not None and out is None:
+        # A run resumed with its saved char/bpe tokenizer: the entry built from the spec holds the
+        # same tokens when its tokenizer is the same one.
+        found = _same_tokenizer_entry(corpus, given, bpe_vocab_size, val_fraction, fingerprint)
     if found is not None:
         _check_length(found.meta["train_tokens"], found.meta["val_tokens"] if val_fraction else None,
                       block_size, f"corpus {corpus.name!r}")
