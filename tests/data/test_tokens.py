@@ -169,8 +169,11 @@ def test_too_short_for_a_window(tmp_path):
     src = tmp_path / "c.txt"
     src.write_text("x" * 1000, encoding="utf-8")  # 900 train + 100 val char tokens
     assert prepare(str(src), tokenizer="char", block_size=99).meta["val_tokens"] == 100
-    with pytest.raises(GptforgeError, match="too short: 900 training and 100 validation tokens.*at least 101"):
+    with pytest.raises(GptforgeError, match="too short: 900 training and 100 validation tokens.*at least 101"
+                       ".*larger validation fraction"):
         prepare(str(src), tokenizer="char", block_size=100)  # same cache entry: checked on reuse too
+    with pytest.raises(GptforgeError, match="too short: 1,000 training tokens.*at least 1,001.*block size$"):
+        prepare(str(src), tokenizer="char", block_size=1000, val_fraction=0)
     with pytest.raises(GptforgeError, match="too short"):
         prepare(str(src), tokenizer="char", block_size=100, val_fraction=0.05, out=tmp_path / "o")
     assert not (tmp_path / "o").exists()

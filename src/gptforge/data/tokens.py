@@ -153,10 +153,11 @@ def _check_length(n_train: int, n_val: int | None, block_size: int | None, where
     need = (block_size or 1) + 1  # a window of inputs plus the next token as its last target
     if n_train < need or (n_val is not None and n_val < need):
         val = f" and {n_val:,} validation" if n_val is not None else ""
+        # Only the validation split short: a larger fraction may be all it takes.
+        hint = " or a larger validation fraction" if n_train >= need else ""
         raise GptforgeError(
             f"{where} is too short: {n_train:,} training{val} tokens, but each split needs at least "
-            f"{need:,} (block size {block_size or 1} + 1); give more text, a smaller block size"
-            + (" or a smaller --val-fraction" if n_val is not None else "")
+            f"{need:,} (block size {block_size or 1} + 1); give more text or a smaller block size{hint}"
         )
 
 
