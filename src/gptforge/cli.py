@@ -182,7 +182,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
                    help="which checkpoint of the run (default latest)")
     p.add_argument("--stop-at-eot", action="store_true", help="end a sample at <|endoftext|> (gpt2 tokenizer)")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ... (default auto)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                   help="auto = cuda > mps > cpu (default auto)")
     p.set_defaults(func=_run_generate)
 
 
@@ -237,7 +238,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="most tokens one request may ask for (default 500)")
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
                    help="which checkpoint of the run (default latest)")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ... (default auto)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                   help="auto = cuda > mps > cpu (default auto)")
     p.set_defaults(func=_run_serve)
 
 

@@ -104,20 +104,6 @@ def make_rng(seed: int | None, device: torch.device | str = "cpu") -> torch.Gene
     return g
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    """"auto" picks cuda, then mps, then cpu; anything else is passed to torch.device."""
-    if device != "auto":
-        try:
-            return torch.device(device)
-        except RuntimeError as e:
-            raise GptforgeError(f"unknown device {device!r}; use auto, cpu, cuda or mps") from e
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 # ----------------------------------------------------------------------------------------- streaming text
 
 
@@ -308,20 +294,14 @@ class Generator:
 # ----------------------------------------------------------------------------------------- load
 
 
-def load(
-    run_dir: str | os.PathLike, which: str = "latest", device: str = "auto"
-) -> Generator:
+def load(run_dir: str | os.PathLike, which: str = "latest", device: str = "auto") -> Generator:
     """`gptforge.load("runs/char")`: the run's `latest` (or `best`) checkpoint, ready to sample.
 
     `run_dir` is a run directory or a checkpoint directory inside one; `device` is "auto"
-    (cuda > mps > cpu) or a torch device string. Bad paths raise GptforgeError.
+    (cuda > mps > cpu), "cpu", "cuda" or "mps". Missing or damaged files raise GptforgeError.
     """
-    from gptforge.train.checkpoint import load_model
+    from gptforge.train.checkpoint import load_model, resolve_checkpoint, run_dir_of
+    from gptforge.train.runtime import autodetect_device
 
-    path = Path(run_dir)
-    if not path.exists():
-        raise GptforgeError(f"run directory {str(path)!r} does not exist; pass a run written by `gptforge train`")
-    model, tokenizer, info = load_model(path, which=which, device=str(pick_device(device)))
-    # The run directory is the checkpoint's grandparent when a checkpoint directory was given.
-    run = path if (path / "checkpoints").is_dir() else path.parent.parent
-    return Generator(model, tokenizer, info=info, run_dir=run)
+    model, tokenizer, info = load_model(run_dir, which=which, device=autodetect_device(device))
+    return Generator(model, tokenizer, info=info, run_dir=run_dir_of(resolve_checkpoint(run_dir, which)))
