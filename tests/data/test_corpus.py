@@ -126,3 +126,12 @@ def test_damaged_copy_in_data_dir_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTFORGE_DATA_DIR", str(tmp_path))
     with pytest.raises(GptforgeError, match="expected 86c4e6aa9db7c042"):
         load_corpus("tinyshakespeare")
+
+
+def test_unwritable_cache_is_a_one_line_error(tmp_path, monkeypatch):
+    _serve_locally(monkeypatch, tmp_path, b"x", SHAKESPEARE_SHA)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("", encoding="utf-8")
+    monkeypatch.setenv("GPTFORGE_CACHE_DIR", str(blocker))
+    with pytest.raises(GptforgeError, match="cannot write the download of 'tinyshakespeare'.*GPTFORGE_CACHE_DIR"):
+        load_corpus("tinyshakespeare")

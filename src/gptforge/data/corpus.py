@@ -106,8 +106,12 @@ def _download(name: str, entry: NamedCorpus, dest: Path) -> None:
     """Download `entry.url` to `dest` via a temporary file, checking the sha256 before the rename."""
     from tqdm.auto import tqdm
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    except OSError as e:
+        raise GptforgeError(f"cannot write the download of {name!r} to {dest.parent}: {e.strerror}; "
+                            "set GPTFORGE_CACHE_DIR to a writable directory") from None
     tmp = Path(tmp_name)
     digest = hashlib.sha256()
     try:
