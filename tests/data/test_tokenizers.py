@@ -145,3 +145,15 @@ def test_load_errors(tmp_path):
     (tmp_path / "gptforge_tokenizer.json").write_text('{"spec": "bpe", "vocab_size": 300}', encoding="utf-8")
     with pytest.raises(GptforgeError, match="cannot load .*tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+def test_gpt2_offline_without_data_dir_is_a_one_line_error(tmp_path, monkeypatch):
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("no network")  # what tiktoken's download raises with no network
+
+    monkeypatch.setenv("GPTFORGE_DATA_DIR", str(tmp_path))  # a data directory without gpt2.tiktoken
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(GptforgeError, match="cannot load GPT-2's BPE.*r50k_base.tiktoken.*GPTFORGE_DATA_DIR"):
+        build_tokenizer("gpt2")
