@@ -87,8 +87,15 @@ class Trainer:
             config.optim.decay_steps = config.decay_steps()
         self.config, self.eval_hook = config, eval_hook
         self.run_dir = Path(out_dir)
-        t, m = config.train, config.model
         self._check_run_dir(resume)
+        # train.init: the architecture (and a run's tokenizer) come from the weights; see train/init.py.
+        self.init = None
+        if config.train.init and not resume:
+            from gptforge.train.init import prepare_init
+
+            config, self.init = prepare_init(config)
+            self.config = config
+        t, m = config.train, config.model
 
         self.rt: Runtime = setup_runtime(t.device, t.dtype)
         self.world = self.rt.world_size
@@ -132,8 +139,8 @@ class Trainer:
 
         if resume:
             self._load_latest()
-        elif t.init:
-            ckpt.load_weights(self.raw_model, ckpt.resolve_checkpoint(t.init), self.rt.device)
+        elif self.init is not None:
+            self.init.load_into(self.raw_model)
 
         self.model: torch.nn.Module = self.raw_model
         if t.compile:
@@ -167,6 +174,7 @@ class Trainer:
         # same (saved) elapsed time.
         self._time_up = t.max_time is not None and self.elapsed >= t.max_time
         stopped_by, last = None, None
+        self._stop_event: dict[str, Any] | None = None
         try:
             while True:
                 stopped_by = self._limit_reached()
@@ -204,6 +212,8 @@ class Trainer:
             if self.last_eval_step != self.step:
                 self._evaluate_and_maybe_stop(final=True)
             self.save_checkpoint(keep_step_copy=self.step % t.checkpoint_every == 0)
+            if self._stop_event:
+                self.log.event("stopped", **self._stop_event)
         except BaseException:
             stop.uninstall()
             self._finish()
@@ -362,8 +372,8 @@ class Trainer:
             reason, value = "max_tokens", self.tokens
         elif self._time_up:
             reason, value = "max_time", round(self.elapsed, 3)
-        if reason:
-            self.log.event("stopped", reason=reason, value=value, step=self.step)
+        if reason:  # logged once the final evaluation and checkpoint are done
+            self._stop_event = {"reason": reason, "value": value, "step": self.step}
         return reason
 
     def _estimate_loss(self, tokens: np.ndarray, seed: int) -> float:
@@ -413,7 +423,10 @@ class Trainer:
         self._peak_flops, peak_source = None, "unknown"
         if self.rt.is_main:
             try:
-                self._peak_flops, peak_source = device_peak_flops(self.rt.device, self.rt.dtype)
+                # Measuring a CPU's peak draws random matrices: keep that off the training RNGs,
+                # or a run's dropout masks would depend on whether the number was cached.
+                with torch.random.fork_rng(devices=[]):
+                    self._peak_flops, peak_source = device_peak_flops(self.rt.device, self.rt.dtype)
             except Exception as e:  # MFU is a nicety; never fail a run over it
                 peak_source = f"unavailable ({type(e).__name__})"
         self._interval = (time.perf_counter(), self.tokens)
@@ -460,6 +473,8 @@ class Trainer:
             from gptforge.data.tokenizers import load_tokenizer
 
             tokenizer = load_tokenizer(self.run_dir / "tokenizer")
+        elif self.init is not None and self.init.tokenizer is not None:
+            tokenizer = self.init.tokenizer  # fine-tuning a gptforge run keeps its vocabulary
         return prepare(d.corpus, tokenizer=tokenizer, val_fraction=d.val_fraction,
                        bpe_vocab_size=d.bpe_vocab_size if d.tokenizer == "bpe" else None,
                        block_size=self.block_size)

@@ -1,0 +1,184 @@
+"""The training loop on a tiny real model: loss falls, resume is exact, stops, Ctrl-C, NaN, eval."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+import gptforge
+from gptforge import cli
+from gptforge.config import resume_config
+from gptforge.errors import GptforgeError
+from gptforge.train import checkpoint as ckpt
+from gptforge.train.trainer import Trainer, evaluate_run, train
+
+
+def test_loss_falls_and_run_dir_is_complete(tiny_config, tmp_path, read_metrics):
+    run = tmp_path / "run"
+    result = train(tiny_config("train.max_steps=40", "train.eval_every=20", "train.checkpoint_every=20",
+                               "train.keep_last=1"), run)
+    assert (result.step, result.tokens, result.stopped_by) == (40, 40 * 4 * 32, "max_steps")
+    losses = [r["loss"] for r in read_metrics(run, "train")]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3  # it learns
+    assert math.log(60) - 0.5 < losses[0] < math.log(60) + 0.5  # starts near uniform over the characters
+    evals = read_metrics(run, "eval")
+    assert [e["step"] for e in evals] == [20, 40] and all("val_loss" in e and "train_loss" in e for e in evals)
+    events = read_metrics(run, "event")
+    assert events[-1]["event"] == "stopped" and events[-1]["reason"] == "max_steps" and events[-1]["value"] == 40
+
+    # The run directory of docs/design.md: config, tokenizer, metrics, latest/best/last-k checkpoints.
+    assert (run / "config.toml").is_file() and (run / "tokenizer").is_dir()
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["best", "latest", "step-0000040"]  # keep_last=1 pruned step-0000020
+    for f in ("model.safetensors", "model_config.json", "state.pt", "info.json"):
+        assert (run / "checkpoints" / "latest" / f).is_file()
+    model, tok, info = ckpt.load_model(run)
+    assert info["step"] == 40 and info["train_loss"] == pytest.approx(losses[-1])
+    assert model.config.vocab_size == tok.vocab_size and not model.training
+
+    # The saved config is the resolved one: the LR schedule's length is frozen into it.
+    again = resume_config(run)
+    assert again.optim.decay_steps == 40 and again.model.n_embd == 32 and again.train.max_steps == 40
+
+
+def test_resume_is_exact(tiny_config, tmp_path, read_metrics):
+    # Dropout > 0, random windows and 2 micro-steps: RNG, sampler and optimizer state all matter.
+    common = ("model.dropout=0.2", "data.sampling=random", "train.grad_accum_steps=2", "optim.decay_steps=8",
+              "train.eval_every=3")
+    train(tiny_config("train.max_steps=8", *common), tmp_path / "once")
+    train(tiny_config("train.max_steps=4", *common), tmp_path / "twice")
+    result = gptforge.train(resume_config(tmp_path / "twice", ["train.max_steps=8"]), tmp_path / "twice", resume=True)
+    assert result.step == 8
+    once = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "once", "train")]
+    twice = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "twice", "train")]
+    assert once == twice  # bit-identical in float32 on the CPU
+    ev_once = {r["step"]: r["val_loss"] for r in read_metrics(tmp_path / "once", "eval")}
+    ev_twice = {r["step"]: r["val_loss"] for r in read_metrics(tmp_path / "twice", "eval")}
+    assert set(ev_once) == {3, 6, 8} and all(ev_twice[s] == v for s, v in ev_once.items())
+
+
+def test_sequential_sampling_resumes_its_position(tiny_config, tmp_path, read_metrics):
+    common = ("data.sampling=sequential", "optim.schedule=constant")
+    train(tiny_config("train.max_steps=6", *common), tmp_path / "once")
+    train(tiny_config("train.max_steps=3", *common), tmp_path / "twice")
+    train(resume_config(tmp_path / "twice", ["train.max_steps=6"]), tmp_path / "twice", resume=True)
+    once = [r["loss"] for r in read_metrics(tmp_path / "once", "train")]
+    assert once == [r["loss"] for r in read_metrics(tmp_path / "twice", "train")]
+    assert all("epoch" in r for r in read_metrics(tmp_path / "once", "train"))
+
+
+def test_stop_at_target_loss_on_the_whole_training_split(tiny_config, tmp_path, read_metrics):
+    run = tmp_path / "run"
+    result = train(tiny_config("train.max_steps=500", "train.stop_at_loss=3.3", "train.stop_metric=train_full",
+                               "train.eval_every=5", "optim.schedule=constant"), run)
+    assert result.stopped_by == "stop_at_loss" and result.step < 500
+    last_eval = read_metrics(run, "eval")[-1]
+    assert last_eval["train_loss"] <= 3.3 and last_eval["step"] == result.step
+    stop = read_metrics(run, "event")[-1]
+    assert (stop["reason"], stop["metric"], stop["target"]) == ("stop_at_loss", "train_loss", 3.3)
+    assert stop["value"] == pytest.approx(last_eval["train_loss"])
+    # ... and the eval CLI's exact number over the same split agrees with it
+    exact = evaluate_run(run, split="train")
+    assert exact["tokens"] == last_eval["train_loss_tokens"]
+    assert exact["loss"] == pytest.approx(last_eval["train_loss"], abs=1e-5)
+
+
+def test_ctrl_c_saves_latest_and_resume_continues(tiny_config, tmp_path, read_metrics, monkeypatch):
+    run = tmp_path / "run"
+    common = ("optim.decay_steps=6", "train.max_steps=6", "train.eval_every=3")
+
+    def press_ctrl_c(step, record):
+        os.kill(os.getpid(), signal.SIGINT)  # handled: the next step boundary saves latest and stops
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(*common), run, eval_hook=press_ctrl_c)
+    assert ckpt.read_info(run / "checkpoints" / "latest")["step"] == 4
+    assert read_metrics(run, "event")[-1]["reason"] == "interrupted"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    train(resume_config(run), run, resume=True)
+    train(tiny_config(*common), tmp_path / "ref")
+    assert [r["loss"] for r in read_metrics(run, "train")] == [r["loss"] for r in read_metrics(tmp_path / "ref", "train")]
+
+
+def test_cli_exits_130_on_ctrl_c(tiny_config, tmp_path, tiny_corpus, monkeypatch):
+    real_step = Trainer.train_step
+
+    def step_then_ctrl_c(self):
+        out = real_step(self)
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--out", str(run), f"data.corpus={tiny_corpus}", "data.tokenizer=char",
+                  "model.preset=tiny", "model.n_layer=1", "train.max_steps=50", "train.batch_size=2"])
+    assert e.value.code == 130
+    assert ckpt.read_info(run / "checkpoints" / "latest")["step"] == 2
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, read_metrics, monkeypatch):
+    run = tmp_path / "run"
+    real_step = Trainer.train_step
+
+    def step_nan_at_5(self):
+        loss, grad_norm, lr = real_step(self)
+        return (float("nan") if self.step == 4 else loss), grad_norm, lr
+
+    monkeypatch.setattr(Trainer, "train_step", step_nan_at_5)
+    with pytest.raises(GptforgeError, match=r"became nan at step 5.*step 4"):
+        train(tiny_config("train.max_steps=10", "train.checkpoint_every=2"), run)
+    latest = run / "checkpoints" / "latest"
+    assert ckpt.read_info(latest)["step"] == 4
+    model, _, _ = ckpt.load_model(run)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert read_metrics(run, "event")[-1]["reason"] == "nan"
+
+
+def test_huge_learning_rate_is_caught(tiny_config, tmp_path):
+    with pytest.raises(GptforgeError, match="training loss became"):
+        train(tiny_config("train.max_steps=20", "optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0"),
+              tmp_path / "run")
+
+
+def test_eval_hook_exception_propagates_after_saving(tiny_config, tmp_path):
+    class Pruned(Exception):
+        pass
+
+    def prune(step, record):
+        assert {"val_loss", "train_loss", "tokens", "step"} <= record.keys()
+        raise Pruned
+
+    with pytest.raises(Pruned):
+        train(tiny_config("train.max_steps=10", "train.eval_every=2"), tmp_path / "run", eval_hook=prune)
+    assert ckpt.read_info(tmp_path / "run" / "checkpoints" / "latest")["step"] == 2
+
+
+def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tiny_config, tmp_path):
+    train(tiny_config("train.max_steps=1"), tmp_path / "run")
+    with pytest.raises(GptforgeError, match="already holds a run"):
+        train(tiny_config("train.max_steps=1"), tmp_path / "run")
+    with pytest.raises(GptforgeError, match="no 'latest' checkpoint|does not exist"):
+        train(tiny_config("train.max_steps=1"), tmp_path / "empty", resume=True)
+
+
+def test_eval_cli_counts_every_token_but_the_first(tiny_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_config("train.max_steps=2"), run)
+    from gptforge.data.tokens import prepare
+
+    tok = ckpt.load_model(run)[1]
+    cfg = resume_config(run)
+    data = prepare(cfg.data.corpus, tokenizer=tok, val_fraction=cfg.data.val_fraction)
+    cli.main(["eval", str(run), "--split", "val", "--checkpoint", "best"])
+    out = capsys.readouterr().out
+    assert f"over {len(data.val) - 1:,} tokens" in out and "val loss" in out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", str(tmp_path / "nothing")])
+    assert e.value.code == 2
