@@ -321,7 +321,7 @@ def _measure_matmul(device: torch.device, dtype: torch.dtype, n_max: int, second
             t = time.perf_counter()
             a @ b
             sync()
-            if n >= n_max or time.perf_counter() - t > 0.05:
+            if n >= n_max or time.perf_counter() - t > 0.1:
                 break
             n *= 2
         best, count, start = 0.0, 0, time.perf_counter()
