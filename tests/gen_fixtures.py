@@ -47,11 +47,11 @@ def _env(**values: str):
 
 
 def make_tiny_run(base: Path, shakespeare_text: str) -> Path:
-    """Train (once) and return BASE/run; a finished run is marked by BASE/done."""
+    """Train (once) and return BASE/shakespeare-char-tiny; a finished run is marked by BASE/done."""
     from gptforge.config import load_config
     from gptforge.train.trainer import train
 
-    run = base / "run"
+    run = base / "shakespeare-char-tiny"
     if (base / "done").is_file():
         return run
     base.mkdir(parents=True, exist_ok=True)

@@ -110,8 +110,8 @@ def test_export_space_runs_offline_from_the_folder(tiny_run, tmp_path):
     readme = (out / "README.md").read_text(encoding="utf-8")
     assert readme.startswith("---\n") and "sdk: gradio" in readme and "app_file: app.py" in readme
     assert "torch" in (out / "requirements.txt").read_text()
-    assert (out / "run" / "checkpoints" / "latest" / "model.safetensors").is_file()
-    assert (out / "run" / "tokenizer").is_dir() and (out / "gptforge" / "generate.py").is_file()
+    assert (out / tiny_run.name / "checkpoints" / "latest" / "model.safetensors").is_file()
+    assert (out / tiny_run.name / "tokenizer").is_dir() and (out / "gptforge" / "generate.py").is_file()
     assert not list(out.rglob("*.pt")) and not list(out.rglob("__pycache__"))  # no pickles, no caches
     # A clean interpreter (-I: no PYTHONPATH, no user site, no cwd) must take gptforge from the folder.
     probe = (
@@ -130,7 +130,7 @@ def test_export_space_runs_offline_from_the_folder(tiny_run, tmp_path):
     # the exported run loads and samples like the original
     import gptforge
 
-    exported = gptforge.load(out / "run", device="cpu")
+    exported = gptforge.load(out / tiny_run.name, device="cpu")
     assert exported.info["step"] == gptforge.load(tiny_run, device="cpu").info["step"]
     with pytest.raises(GptforgeError, match="not an empty directory"):
         export_space(tiny_run, out)

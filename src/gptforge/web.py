@@ -141,8 +141,8 @@ def _fmt(x: Any, spec: str = "") -> str:
 def model_card_markdown(gen: Generator) -> str:
     f = model_facts(gen)
     return "\n".join([
-        f"### Model card: `{f['run']}`",
-        "| | |",
+        "### Model card",
+        f"| run | `{f['run']}` |",
         "|---|---|",
         f"| parameters | {f['parameters']:,} |",
         f"| shape | {f['layers']} layers, {f['heads']} heads, {f['width']} wide |",
@@ -269,7 +269,7 @@ sys.path.insert(0, str(HERE))  # the bundled copy of gptforge comes first
 from gptforge.generate import load  # noqa: E402
 from gptforge.web import build_app  # noqa: E402
 
-demo = build_app(load(HERE / "run", device="auto"), max_new_tokens_limit={limit})
+demo = build_app(load(HERE / {run_name!r}, device="auto"), max_new_tokens_limit={limit})
 
 if __name__ == "__main__":
     demo.launch(ssr_mode=False)
@@ -289,8 +289,8 @@ license: mit
 
 # {title}
 
-A GPT trained from scratch with [gptforge](https://github.com/), exported with
-`gptforge export-space`. The page streams samples from the model; `run/` holds its weights
+A GPT trained from scratch with gptforge, exported with
+`gptforge export-space`. The page streams samples from the model; `{run_name}/` holds its weights
 (safetensors), config and tokenizer, and `gptforge/` the code that runs it.
 
 {card}
@@ -309,7 +309,7 @@ def export_space(
 ) -> Path:
     """`gptforge export-space RUN OUT_DIR`: a folder that runs as a Hugging Face Space as it is.
 
-    OUT_DIR gets app.py, requirements.txt, README.md (with the Spaces YAML header), run/ (the
+    OUT_DIR gets app.py, requirements.txt, README.md (with the Spaces YAML header), RUN_NAME/ (the
     checkpoint's safetensors weights, model config and info, the tokenizer, config.toml,
     metrics.jsonl and loss.png) and gptforge/ (a copy of this package). OUT_DIR must not exist
     or be empty. Returns OUT_DIR.
@@ -327,21 +327,23 @@ def export_space(
         raise GptforgeError(f"{out} exists and is not an empty directory; choose a new OUT_DIR")
     ckpt_src = resolve_checkpoint(run_dir, which)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / "run" / "checkpoints" / "latest"
+    run_out = out / run.name  # keeps the run's name, which the model card shows
+    ckpt = run_out / "checkpoints" / "latest"
     ckpt.mkdir(parents=True)
     for name in ("model.safetensors", "model_config.json", "info.json"):  # not state.pt: optimizer state
         shutil.copy2(ckpt_src / name, ckpt / name)
-    gen.tokenizer.save(out / "run" / "tokenizer")
+    gen.tokenizer.save(run_out / "tokenizer")
     for name in ("config.toml", "metrics.jsonl", "loss.png"):
         if (run / name).is_file():
-            shutil.copy2(run / name, out / "run" / name)
+            shutil.copy2(run / name, run_out / name)
     shutil.copytree(Path(gptforge.__file__).parent, out / "gptforge",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    (out / "app.py").write_text(_APP_PY.format(limit=int(max_new_tokens_limit)), encoding="utf-8")
+    (out / "app.py").write_text(_APP_PY.format(run_name=run.name, limit=int(max_new_tokens_limit)), encoding="utf-8")
     (out / "requirements.txt").write_text("\n".join(_REQUIREMENTS) + "\n", encoding="utf-8")
     title = f"gptforge {run.name}"
     (out / "README.md").write_text(
-        _README.format(title=title, gradio_version=gradio.__version__, card=model_card_markdown(gen)),
+        _README.format(title=title, run_name=run.name, gradio_version=gradio.__version__,
+                       card=model_card_markdown(gen)),
         encoding="utf-8",
     )
     return out

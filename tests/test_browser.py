@@ -1,0 +1,117 @@
+"""The web page in a real browser: `gptforge serve` on a tiny trained run, driven by Debian's
+headless chromium through Playwright. Type a prompt, press Generate, wait for new text, check the
+model card. GPTFORGE_UPDATE_SCREENSHOT=1 also saves docs/web.png (off by default so CI leaves the
+tree clean)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+REPO = Path(__file__).resolve().parents[1]
+# Without the background-networking flags chromium keeps trying to reach the internet.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian's chromium at /usr/bin/chromium "
+                       "(apt-get install -y chromium); CI installs it"),
+]
+
+_spec = importlib.util.spec_from_file_location("gen_fixtures", Path(__file__).with_name("gen_fixtures.py"))
+gen_fixtures = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gen_fixtures)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, shakespeare_text) -> Path:
+    return gen_fixtures.tiny_run(tmp_path_factory, shakespeare_text)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tiny_run, tmp_path):
+    """`gptforge serve` in a subprocess; yields its URL and always stops it."""
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w+")
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptforge", "serve", str(tiny_run), "--port", str(port), "--device", "cpu",
+         "--max-new-tokens-limit", "80"],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"gptforge serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("gptforge serve did not answer within 120 s")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_page_generates_text_and_shows_the_model_card(server, tiny_run):
+    from playwright.sync_api import sync_playwright
+
+    info = json.loads((tiny_run / "checkpoints" / "latest" / "info.json").read_text())
+    evals = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    val_loss = [r for r in evals if r["kind"] == "eval" and r["step"] == info["step"]][-1]["val_loss"]
+    prompt = "ROMEO:\n"
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(server, wait_until="domcontentloaded")
+            box = page.locator("#prompt textarea")
+            box.wait_for(timeout=60_000)
+            box.fill(prompt)
+            page.locator("#generate").click()
+            # Output boxes are <textarea>s: wait on .value. The server limit is 80 tokens (the slider's
+            # default and maximum), one character each for this char-level model.
+            page.wait_for_function(
+                "n => { const t = document.querySelector('#output textarea'); return t && t.value.length >= n; }",
+                arg=len(prompt) + 80, timeout=60_000,
+            )
+            text = page.locator("#output textarea").input_value()
+            assert text.startswith(prompt) and len(text) == len(prompt) + 80
+            card = page.locator("#model-card").inner_text()
+            assert f"{info['step']:,}" in card and f"{val_loss:.4f}" in card and "char" in card
+            assert page.locator("#loss-plot img").count() == 1  # the run's loss.png
+            if os.environ.get("GPTFORGE_UPDATE_SCREENSHOT") == "1":
+                page.screenshot(path=str(REPO / "docs" / "web.png"), full_page=True)
+        finally:
+            browser.close()
