@@ -35,6 +35,8 @@ GPT2_EOT = "<|endoftext|>"
 
 # A lone newline between two non-space characters is a piece of its own under GPT-2's pattern, so
 # cutting the text just after it changes no piece and no token: chunks can be encoded in parallel.
+# (Python's \s covers all of Unicode White_Space, which the Rust regexes use, plus U+001C..U+001F, so
+# a character that \S matches here is never whitespace to the tokenizers.)
 _SAFE_CUT = re.compile(r"\S\n(?=\S)")
 _CHUNK_CHARS = 1 << 16
 
