@@ -63,6 +63,14 @@ def test_chunking_never_changes_the_tokens(gpt2, bpe):
         assert batched == one_shot(text)
 
 
+def test_windows_line_endings_are_cut_too(gpt2, bpe, shakespeare_text):
+    text = shakespeare_text[:300_000].replace("\n", "\r\n")
+    chunks = split_for_batch(text, chunk_chars=4096)
+    assert len(chunks) > 50 and "".join(chunks) == text
+    assert gpt2.encode_to_array(text).tolist() == gpt2.enc.encode_ordinary(text)
+    assert [i for ids in bpe.encode_batch(chunks) for i in ids] == bpe.encode(text)
+
+
 def test_text_without_safe_cuts_stays_whole():
     assert split_for_batch("x" * 1000, chunk_chars=10) == ["x" * 1000]
 

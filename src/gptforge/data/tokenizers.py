@@ -35,9 +35,10 @@ GPT2_EOT = "<|endoftext|>"
 
 # A lone newline between two non-space characters is a piece of its own under GPT-2's pattern, so
 # cutting the text just after it changes no piece and no token: chunks can be encoded in parallel.
+# Between two non-space characters, "\r\n" is two pieces, "\r" and "\n": cut between them.
 # (Python's \s covers all of Unicode White_Space, which the Rust regexes use, plus U+001C..U+001F, so
 # a character that \S matches here is never whitespace to the tokenizers.)
-_SAFE_CUT = re.compile(r"\S\n(?=\S)")
+_SAFE_CUT = re.compile(r"\S\n(?=\S)|\S\r(?=\n\S)")
 _CHUNK_CHARS = 1 << 16
 
 
@@ -50,7 +51,7 @@ def split_for_batch(text: str, chunk_chars: int = _CHUNK_CHARS) -> list[str]:
         m = _SAFE_CUT.search(text, start + chunk_chars)
         if m is None:
             break
-        cut = m.end()  # just after the newline
+        cut = m.end()  # just after the newline (or the carriage return)
         chunks.append(text[start:cut])
         start = cut
     chunks.append(text[start:])
