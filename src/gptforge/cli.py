@@ -281,12 +281,59 @@ def _run_export_space(args: argparse.Namespace) -> None:
 
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sweep", help="hyperparameter search with Optuna")
+    p = sub.add_parser(
+        "sweep", help="hyperparameter search with Optuna",
+        description="Search config overrides for the lowest validation loss: each trial is a training run "
+                    "in OUT/trials/NNNN; results go to OUT/trials.csv, OUT/best.toml and OUT/*.png. "
+                    "See docs/tuning.md.",
+        epilog="example: gptforge sweep --config configs/tinyshakespeare-char.toml --trials 12 "
+               "--budget-per-trial 200steps --space 'optim.lr=log:1e-4..3e-3' --space 'model.dropout=0,0.1,0.2'")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="base config overrides applied to every trial")
+    p.add_argument("--config", help="base config TOML (not needed to continue a sweep)")
+    p.add_argument("--space", action="append", default=[], metavar="KEY=RANGE",
+                   help="a searched field: log:1e-4..3e-3 (log-uniform), 0..0.2 or 2..8 (uniform float/int "
+                        "by the literals), int:a..b, or a comma list 4,6,8 (categorical); repeatable")
+    p.add_argument("--trials", type=int, help="total number of trials the study should hold")
+    p.add_argument("--budget-per-trial", metavar="BUDGET",
+                   help="stop each trial after e.g. 60s, 5m, 500steps or 2Mtokens (else the config's limits)")
+    p.add_argument("--out", default=None, help="sweep directory (default sweeps/<config name>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep: trials a kill left running are re-run")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine")
+    p.add_argument("--storage", help="Optuna storage URL shared by several machines, e.g. "
+                                     "postgresql://user:pass@host/db (default sqlite:///OUT/study.db)")
+    p.add_argument("--study", help="study name in the storage (default: the --out directory's name)")
+    p.add_argument("--pruner", choices=["median", "halving", "none"], default="median",
+                   help="stop hopeless trials early (default median)")
+    p.add_argument("--startup-trials", type=int, default=2,
+                   help="trials that finish before the median pruner starts pruning (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_run_sweep)
 
 
 def _run_sweep(args: argparse.Namespace) -> None:
-    raise GptforgeError("sweep is not implemented yet")
+    import os
+    from pathlib import Path
+
+    from gptforge import sweep
+
+    if args.worker is not None:  # a process started by --workers N: settings come from the study
+        if args.out is None or args.study is None:
+            raise GptforgeError("--worker needs --out and --study")
+        storage = args.storage or os.environ.get("GPTFORGE_SWEEP_STORAGE")
+        sweep.run_worker(args.out, args.study, storage, worker=args.worker)
+        return
+    out = args.out
+    if out is None:
+        if args.config is None:
+            raise GptforgeError("pass --out SWEEP_DIR (or --config FILE to start a sweep in sweeps/<name>)")
+        out = str(Path("sweeps") / Path(args.config).stem)
+    sweep.sweep(args.config, args.space, args.trials, out, overrides=args.overrides,
+                budget=args.budget_per_trial, resume=args.resume, workers=args.workers,
+                storage=args.storage, study_name=args.study, pruner=args.pruner,
+                startup_trials=args.startup_trials, seed=args.seed)
 
 
 # --------------------------------------------------------------------------------------------- main

@@ -1,0 +1,694 @@
+"""Hyperparameter search: an Optuna study over config overrides, minimising validation loss.
+
+    gptforge sweep --config configs/tinyshakespeare-char.toml --trials 20 --budget-per-trial 300steps \\
+        --space 'optim.lr=log:1e-4..3e-3' --space 'model.dropout=0,0.1,0.2' --space 'model.n_head=4,6,8'
+
+    from gptforge.sweep import sweep
+    result = sweep("configs/x.toml", ["optim.lr=log:1e-4..3e-3"], n_trials=8, out="sweeps/lr")
+    print(result.best_value, result.best_params)
+
+Each trial is an ordinary training run (`gptforge.train.trainer.train`) in `SWEEP/trials/NNNN`
+with the sampled values applied as `section.key=value` overrides on top of the base config. The
+trainer calls our eval hook after every evaluation; we report the validation loss to Optuna and
+raise `optuna.TrialPruned` when the pruner says the trial is hopeless, which stops that run.
+
+Outcomes. Optuna has four final states; we map ours onto them so that `--trials N` counts every
+trial that ran to an answer, and only trials that never got one (killed) are re-run:
+- complete: trained to its budget; the value is its best validation loss (the `best` checkpoint).
+- pruned: stopped early by the pruner (Optuna state PRUNED).
+- skipped: the sampled combination is not a valid config (e.g. n_embd not divisible by n_head).
+  Optuna state PRUNED with user attrs `outcome="skipped"` and `reason=<the config error>`: a
+  PRUNED trial without intermediate values is ranked worst by the TPE sampler, which is what we
+  want for an invalid region, and it does not crash the sweep.
+- failed: training raised a GptforgeError (e.g. the loss became NaN at a huge learning rate).
+  Also PRUNED with `outcome="failed"` and the reason, for the same reasons.
+- FAIL (Optuna's): the process died mid-trial (kill -9, Ctrl-C). `--resume` marks trials left
+  RUNNING as FAIL and re-queues their parameters, so nothing finished is lost or re-run.
+
+Files in SWEEP: `study.db` (SQLite storage unless --storage), `base.toml` (the resolved base
+config), `trials/NNNN/` (run directories), `trials.csv`, `best.toml`, `history.png`, `params.png`.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gptforge.errors import GptforgeError
+
+# Study-level user attribute holding everything a worker or a resumed sweep needs.
+_ATTR = "gptforge_sweep"
+# Trial states that count towards --trials (RUNNING too, so parallel workers do not overshoot).
+_COUNTED = ("COMPLETE", "PRUNED", "RUNNING")
+PRUNERS = ("median", "halving", "none")
+
+
+# --------------------------------------------------------------------------------------------- space
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched config field: `key` is `section.field`; `kind` is float, int or categorical."""
+
+    key: str
+    kind: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+    spec: str = ""
+
+    def suggest(self, trial: Any) -> Any:
+        if self.kind == "float":
+            return trial.suggest_float(self.key, self.low, self.high, log=self.log)
+        if self.kind == "int":
+            return trial.suggest_int(self.key, self.low, self.high, log=self.log)
+        return trial.suggest_categorical(self.key, list(self.choices))
+
+
+_KEY = re.compile(r"^[a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*$")
+_INT = re.compile(r"^[+-]?\d+$")
+
+
+def _typed(text: str) -> Any:
+    """A categorical literal as the type it reads as: int, float, bool, or else a string."""
+    text = text.strip()
+    if _INT.match(text):
+        return int(text)
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def parse_space(spec: str) -> Param:
+    """Parse one `--space` value.
+
+    `KEY=log:a..b` log-uniform, `KEY=a..b` uniform (int when both ends are integer literals, else
+    float), `int:` / `float:` force the type (`KEY=log:int:16..256`), `KEY=v1,v2,...` categorical
+    with each value typed (int, float, bool, string); a single value fixes the field.
+    """
+    key, sep, rhs = spec.partition("=")
+    key, rhs = key.strip(), rhs.strip()
+    if not sep or not _KEY.match(key) or not rhs:
+        raise GptforgeError(f"bad --space {spec!r}; write KEY=RANGE with KEY like optim.lr "
+                            "and RANGE like log:1e-4..3e-3, 0..0.2, int:2..8 or 4,6,8")
+    body, log, forced = rhs, False, None
+    while True:
+        prefix, colon, rest = body.partition(":")
+        if not colon or prefix not in ("log", "int", "float"):
+            break
+        if prefix == "log":
+            log = True
+        else:
+            forced = prefix
+        body = rest
+    if ".." in body:
+        lo_text, _, hi_text = body.partition("..")
+        try:
+            lo, hi = float(lo_text), float(hi_text)
+        except ValueError:
+            raise GptforgeError(f"bad range in --space {spec!r}; both ends must be numbers, "
+                                "e.g. optim.lr=log:1e-4..3e-3") from None
+        kind = forced or ("int" if _INT.match(lo_text.strip()) and _INT.match(hi_text.strip()) else "float")
+        if kind == "int":
+            if lo != int(lo) or hi != int(hi):
+                raise GptforgeError(f"--space {spec!r} is int: its ends must be whole numbers")
+            lo, hi = int(lo), int(hi)
+        if not lo < hi:
+            raise GptforgeError(f"--space {spec!r}: the low end must be below the high end")
+        if log and lo <= 0:
+            raise GptforgeError(f"--space {spec!r}: a log range needs a positive low end")
+        return Param(key, kind, lo, hi, log, spec=spec)
+    if log or forced:
+        raise GptforgeError(f"--space {spec!r}: log:/int:/float: apply to a range a..b, not a list")
+    choices = tuple(_typed(v) for v in body.split(",") if v.strip())
+    if len(set(map(repr, choices))) != len(choices):
+        raise GptforgeError(f"--space {spec!r} lists a value twice")
+    return Param(key, "categorical", choices=choices, spec=spec)
+
+
+def parse_budget(budget: str | None) -> list[str]:
+    """`60s`, `10m`, `500steps` or `2Mtokens` as trainer overrides (the per-trial stopping rule)."""
+    if not budget:
+        return []
+    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|steps?|k?tokens|M?tokens)\s*$", budget)
+    if not m:
+        raise GptforgeError(f"bad --budget-per-trial {budget!r}; use e.g. 60s, 5m, 500steps or 2Mtokens")
+    n, unit = float(m.group(1)), m.group(2)
+    if unit in ("s", "m", "h"):
+        return [f"train.max_time={n * {'s': 1, 'm': 60, 'h': 3600}[unit]:g}"]
+    if unit.startswith("step"):
+        return [f"train.max_steps={int(n)}"]
+    scale = {"k": 1_000, "M": 1_000_000}.get(unit[0], 1)
+    return [f"train.max_tokens={int(n * scale)}"]
+
+
+def _override(key: str, value: Any) -> str:
+    """A `section.key=value` override the config loader parses back to the same value."""
+    if isinstance(value, bool):
+        return f"{key}={'true' if value else 'false'}"
+    if isinstance(value, float):
+        return f"{key}={value!r}"
+    return f"{key}={value}"
+
+
+# --------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class TrialRow:
+    """One line of the results table."""
+
+    number: int
+    params: dict[str, Any]
+    val_loss: float | None
+    steps: int | None
+    time_s: float | None
+    state: str  # complete, pruned, skipped, failed, running, killed, waiting
+    reason: str = ""
+
+
+@dataclass
+class SweepResult:
+    """What `sweep()` returns: the table, the best trial, and where the files are."""
+
+    sweep_dir: Path
+    study_name: str
+    rows: list[TrialRow]
+    best_number: int | None = None
+    best_value: float | None = None
+    best_params: dict[str, Any] = field(default_factory=dict)
+    best_config: Path | None = None
+
+
+# --------------------------------------------------------------------------------------------- study
+
+
+def _storage(url: str | None, sweep_dir: Path):
+    import optuna
+
+    url = url or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
+    engine_kwargs = {}
+    if url.startswith("sqlite"):
+        # Several worker processes write to one SQLite file: wait for the lock instead of
+        # failing with "database is locked" when two trials finish at the same moment.
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+
+
+def _pruner(name: str, startup_trials: int):
+    import optuna
+
+    if name == "median":
+        # n_warmup_steps=1: never prune on the step-0 evaluation, where every trial is random.
+        return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=1)
+    if name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise GptforgeError(f"unknown pruner {name!r}; choose one of {', '.join(PRUNERS)}")
+
+
+def _count(study, states: Sequence[str]) -> int:
+    from optuna.trial import TrialState
+
+    wanted = tuple(TrialState[s] for s in states)
+    return len(study.get_trials(deepcopy=False, states=wanted))
+
+
+def _fail_stale_trials(study, storage) -> int:
+    """Mark trials left RUNNING by a killed sweep as FAIL, and queue the parameters of every FAIL
+    trial (killed, or interrupted by Ctrl-C) that has not been re-run yet. Returns how many."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        # What Optuna's own fail_stale_trials does, without waiting for a heartbeat to go stale.
+        storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    failed = [t for t in trials if t.state == TrialState.FAIL and t.number not in retried]
+    for t in failed:
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+    return len(failed)
+
+
+# --------------------------------------------------------------------------------------------- objective
+
+
+def _objective(sweep_dir: Path, base_config: Path, params: Sequence[Param], budget: Sequence[str],
+               log: Callable[[str], None]):
+    import optuna
+
+    from gptforge.config import load_config
+    from gptforge.model import GPTConfig
+    from gptforge.train.trainer import train
+
+    def objective(trial: optuna.Trial) -> float:
+        values = {p.key: p.suggest(trial) for p in params}
+        overrides = [*budget, *(_override(k, v) for k, v in values.items())]
+        trial.set_user_attr("overrides", overrides)
+        shown = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+        try:
+            config = load_config(base_config, overrides)
+            if not config.train.init:  # the model's own checks (e.g. n_head against a preset's n_embd)
+                GPTConfig.from_preset(config.model.preset, **config.model.overrides())
+        except GptforgeError as e:
+            trial.set_user_attr("outcome", "skipped")
+            trial.set_user_attr("reason", str(e))
+            log(f"trial {trial.number}: skipped ({shown}): {e}")
+            raise optuna.TrialPruned(str(e)) from None
+
+        run_dir = sweep_dir / "trials" / f"{trial.number:04d}"
+        trial.set_user_attr("run_dir", str(run_dir))
+        evals: list[tuple[int, float]] = []
+
+        def eval_hook(step: int, record: Mapping[str, Any]) -> None:
+            val = record.get("val_loss")
+            if val is None or not math.isfinite(val):
+                return
+            evals.append((step, float(val)))
+            trial.report(float(val), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step} with val loss {val:.4f}")
+
+        log(f"trial {trial.number}: {shown}")
+        t0 = time.time()
+        outcome, reason = "interrupted", ""  # until train() returns or raises something we handle
+        try:
+            result = train(config, run_dir, eval_hook=eval_hook)
+            outcome = "complete"
+        except optuna.TrialPruned as e:
+            outcome, reason = "pruned", str(e)
+            raise
+        except GptforgeError as e:
+            # A diverged run (NaN loss) is an answer about that region, not a broken sweep.
+            outcome, reason = "failed", str(e)
+            raise optuna.TrialPruned(reason) from None
+        finally:
+            trial.set_user_attr("time_s", round(time.time() - t0, 2))
+            trial.set_user_attr("outcome", outcome)
+            if reason:
+                trial.set_user_attr("reason", reason)
+            if evals:
+                trial.set_user_attr("steps", evals[-1][0])
+                trial.set_user_attr("val_loss", min(v for _, v in evals))
+            if outcome != "complete":
+                log(f"trial {trial.number}: {outcome}: {reason}")
+
+        trial.set_user_attr("steps", int(result.step))
+        candidates = [v for _, v in evals]
+        if result.val_loss is not None and math.isfinite(result.val_loss):
+            candidates.append(float(result.val_loss))
+        if not candidates:
+            raise GptforgeError("a trial finished without a validation loss; "
+                                "the config must evaluate (train.eval_every) and have a validation split")
+        value = min(candidates)
+        trial.set_user_attr("val_loss", value)
+        log(f"trial {trial.number}: val loss {value:.4f} after {result.step} steps "
+            f"({time.time() - t0:.0f} s)")
+        return value
+
+    return objective
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# --------------------------------------------------------------------------------------------- sweep
+
+
+def sweep(
+    config: str | Path | None,
+    space: Sequence[str] = (),
+    n_trials: int | None = None,
+    out: str | Path = "sweeps/sweep",
+    *,
+    overrides: Sequence[str] = (),
+    budget: str | None = None,
+    resume: bool = False,
+    workers: int = 1,
+    storage: str | None = None,
+    study_name: str | None = None,
+    pruner: str = "median",
+    startup_trials: int = 2,
+    seed: int = 0,
+    enqueue: Sequence[Mapping[str, Any]] = (),
+    verbose: bool = True,
+) -> SweepResult:
+    """Run (or continue) a sweep and write its table, best config and plots.
+
+    `config` + `overrides` is the base config, `space` the `--space` strings, `n_trials` the total
+    number of trials the study should hold (finished, pruned and skipped ones count; killed ones
+    do not). An existing study in `out` (or `storage`) is joined; `resume=True` also marks trials
+    left RUNNING by a killed sweep as failed and runs their parameters again. `enqueue` lists
+    parameter dicts to try first (e.g. a known-good baseline). Config, space, budget, trial count,
+    pruner and seed may be omitted when continuing: they are read back from the study.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sweep_dir = Path(out)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    study_name = study_name or sweep_dir.resolve().name
+    log = print if verbose else (lambda s: None)
+    if workers < 1:
+        raise GptforgeError(f"--workers must be at least 1, got {workers}")
+
+    store = _storage(storage, sweep_dir)
+    existing = _load_settings(store, study_name)
+    settings = _settings(config, overrides, space, n_trials, budget, pruner, startup_trials, seed, existing,
+                         sweep_dir)
+    study = optuna.create_study(storage=store, study_name=study_name, direction="minimize",
+                                load_if_exists=True)
+    if existing is None:
+        study.set_user_attr(_ATTR, settings)
+    elif n_trials is not None and n_trials != existing["n_trials"]:
+        study.set_user_attr(_ATTR, settings)  # a resumed sweep may be extended (or shortened)
+    base_config = sweep_dir / "base.toml"
+    base_config.write_text(settings["base_config"], encoding="utf-8")
+
+    if resume:
+        stale = _fail_stale_trials(study, store)
+        if stale:
+            log(f"sweep: {stale} trial(s) an interrupted sweep did not finish will run again")
+    for params in enqueue:
+        study.enqueue_trial(dict(params))
+
+    done = _count(study, ("COMPLETE", "PRUNED"))
+    log(f"sweep: study {study_name!r} in {sweep_dir}: {done} of {settings['n_trials']} trials done")
+    if workers == 1:
+        run_worker(sweep_dir, study_name, storage, worker=0, verbose=verbose)
+    else:
+        _spawn_workers(sweep_dir, study_name, storage, workers)
+    result = report(sweep_dir, study_name, storage, verbose=verbose)
+    return result
+
+
+def _settings(config, overrides, space, n_trials, budget, pruner, startup_trials, seed, existing, sweep_dir):
+    """The sweep's settings: from the arguments, checked against (or filled from) an existing study."""
+    if existing is None:
+        if config is None:
+            raise GptforgeError(f"no sweep in {sweep_dir} yet; pass --config FILE to start one")
+        if not space:
+            raise GptforgeError("nothing to search; pass at least one --space KEY=RANGE")
+        if n_trials is None or n_trials < 1:
+            raise GptforgeError("pass --trials N (at least 1) to start a sweep")
+    params = [parse_space(s) for s in space]
+    keys = [p.key for p in params]
+    if len(set(keys)) != len(keys):
+        raise GptforgeError(f"a --space key is given twice: {keys}")
+    budget_overrides = parse_budget(budget)
+    if pruner not in PRUNERS:
+        raise GptforgeError(f"unknown pruner {pruner!r}; choose one of {', '.join(PRUNERS)}")
+    base_text = _resolved_toml(config, overrides, budget_overrides) if config is not None else None
+    if existing is not None:
+        # Continuing: anything not given comes from the study; anything given must agree with it.
+        if space and list(space) != existing["space"]:
+            raise GptforgeError(f"the sweep in {sweep_dir} searches {existing['space']}, not {list(space)}; "
+                                "use another --out (or --study) for a different space")
+        if base_text is not None and base_text != existing["base_config"]:
+            raise GptforgeError(f"the sweep in {sweep_dir} was started from a different base config "
+                                f"(see {sweep_dir / 'base.toml'}); use another --out for a new one")
+        if budget is not None and budget != existing["budget"]:
+            raise GptforgeError(f"the sweep in {sweep_dir} uses --budget-per-trial {existing['budget']}, "
+                                f"not {budget}")
+        return {**existing, "n_trials": n_trials or existing["n_trials"]}
+    return {"space": list(space), "budget": budget, "budget_overrides": budget_overrides,
+            "base_config": base_text, "n_trials": n_trials, "pruner": pruner,
+            "startup_trials": startup_trials, "seed": seed}
+
+
+def _resolved_toml(config, overrides, budget_overrides) -> str:
+    """The base config resolved to one TOML text, so every worker trains from the same thing."""
+    import tempfile
+
+    from gptforge.config import load_config
+
+    cfg = load_config(config, [*overrides, *budget_overrides])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "base.toml"
+        cfg.save(path)
+        return path.read_text(encoding="utf-8")
+
+
+def _load_settings(store, study_name: str) -> dict | None:
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=store)
+    except KeyError:
+        return None
+    return study.user_attrs.get(_ATTR)
+
+
+def run_worker(sweep_dir: str | Path, study_name: str, storage: str | None = None, worker: int = 0,
+               verbose: bool = True) -> None:
+    """Run trials of an existing study until it holds its target number; one per process."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sweep_dir = Path(sweep_dir)
+    log = (lambda s: print(f"[worker {worker}] {s}" if worker else s, flush=True)) if verbose else (lambda s: None)
+    store = _storage(storage, sweep_dir)
+    settings = _load_settings(store, study_name)
+    if settings is None:
+        raise GptforgeError(f"no sweep named {study_name!r} in {storage or sweep_dir}")
+    base_config = sweep_dir / "base.toml"
+    if not base_config.exists():  # a worker on another machine sharing an RDB storage
+        base_config.write_text(settings["base_config"], encoding="utf-8")
+    params = [parse_space(s) for s in settings["space"]]
+    # Distinct seeds per worker and per session, so workers and a resumed sweep do not replay the
+    # same random start-up samples as the trials already in the study.
+    study = optuna.load_study(study_name=study_name, storage=store)
+    sampler_seed = settings["seed"] + 1000 * worker + len(study.trials)
+    study = optuna.load_study(
+        study_name=study_name, storage=store,
+        # TPE's default of 10 random start-up trials is most of a small sweep: scale it down.
+        sampler=optuna.samplers.TPESampler(seed=sampler_seed,
+                                           n_startup_trials=max(2, min(10, settings["n_trials"] // 3))),
+        pruner=_pruner(settings["pruner"], settings["startup_trials"]),
+    )
+    objective = _objective(sweep_dir, base_config, params, settings["budget_overrides"], log)
+    target = settings["n_trials"]
+    while _count(study, _COUNTED) < target:
+        study.optimize(objective, n_trials=1)
+
+
+def _spawn_workers(sweep_dir: Path, study_name: str, storage: str | None, workers: int) -> None:
+    """Start `workers` processes of `gptforge sweep --worker I` on the shared study and wait."""
+    env = dict(os.environ)
+    if storage:
+        env["GPTFORGE_SWEEP_STORAGE"] = storage  # not on the command line: it may hold a password
+    # Share the CPU instead of every worker starting one thread per core.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    n_gpus = _cuda_device_count()
+    procs = []
+    for i in range(workers):
+        wenv = dict(env)
+        if n_gpus > 1 and "CUDA_VISIBLE_DEVICES" not in env:
+            wenv["CUDA_VISIBLE_DEVICES"] = str(i % n_gpus)  # one GPU per worker, round robin
+        cmd = [sys.executable, "-m", "gptforge", "sweep", "--worker", str(i + 1), "--out", str(sweep_dir),
+               "--study", study_name]
+        procs.append(subprocess.Popen(cmd, env=wenv))
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+        raise
+    if any(codes):
+        raise GptforgeError(f"sweep workers exited with {codes}; see their output above; "
+                            "continue with --resume")
+
+
+def _cuda_device_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - no torch or no driver: no GPUs to share out
+        return 0
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def _rows(study) -> list[TrialRow]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        attrs = t.user_attrs
+        state = t.state.name
+        if state == "COMPLETE":
+            shown = "complete"
+        elif state == "PRUNED":
+            shown = attrs.get("outcome", "pruned")
+        elif state == "FAIL":
+            shown = "killed"
+        else:
+            shown = state.lower()
+        value = t.value if state == "COMPLETE" else attrs.get("val_loss")
+        reason = attrs.get("reason", "")
+        if "retry_of" in attrs:
+            reason = (reason + "; " if reason else "") + f"re-run of trial {attrs['retry_of']}"
+        rows.append(TrialRow(t.number, dict(t.params), value, attrs.get("steps"), attrs.get("time_s"),
+                             shown, reason))
+    return rows
+
+
+def report(sweep_dir: str | Path, study_name: str | None = None, storage: str | None = None,
+           verbose: bool = True) -> SweepResult:
+    """Print the table and write trials.csv, best.toml, history.png and params.png."""
+    import optuna
+
+    sweep_dir = Path(sweep_dir)
+    study_name = study_name or sweep_dir.resolve().name
+    store = _storage(storage, sweep_dir)
+    settings = _load_settings(store, study_name)
+    if settings is None:
+        raise GptforgeError(f"no sweep named {study_name!r} in {storage or sweep_dir}")
+    study = optuna.load_study(study_name=study_name, storage=store)
+    rows = _rows(study)
+    keys = [parse_space(s).key for s in settings["space"]]
+    _write_csv(sweep_dir / "trials.csv", rows, keys)
+    result = SweepResult(sweep_dir, study_name, rows)
+    complete = [r for r in rows if r.state == "complete"]
+    if complete:
+        best = min(complete, key=lambda r: r.val_loss)
+        result.best_number, result.best_value, result.best_params = best.number, best.val_loss, best.params
+        result.best_config = _write_best(sweep_dir, settings, best)
+    _plot(sweep_dir, rows, [parse_space(s) for s in settings["space"]])
+    if verbose:
+        print(format_table(rows, keys))
+        if result.best_config:
+            print(f"best: trial {result.best_number}, val loss {result.best_value:.4f}; "
+                  f"config in {result.best_config}")
+        else:
+            print("best: no trial completed")
+    return result
+
+
+def format_table(rows: Sequence[TrialRow], keys: Sequence[str], markdown: bool = False) -> str:
+    """The results table as aligned text (or Markdown for the docs)."""
+    header = ["trial", *keys, "val loss", "steps", "time s", "state", "reason"]
+    lines = [[str(r.number), *(_fmt(r.params[k]) if k in r.params else "-" for k in keys),
+              f"{r.val_loss:.4f}" if r.val_loss is not None else "-",
+              str(r.steps) if r.steps is not None else "-",
+              f"{r.time_s:.0f}" if r.time_s is not None else "-", r.state, r.reason] for r in rows]
+    if markdown:
+        out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(c.replace("|", "/") for c in line) + " |" for line in lines]
+        return "\n".join(out)
+    widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=True)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header), *(fmt(line) for line in lines)])
+
+
+def _write_csv(path: Path, rows: Sequence[TrialRow], keys: Sequence[str]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["number", *keys, "val_loss", "steps", "time_s", "state", "reason"])
+        for r in rows:
+            w.writerow([r.number, *(r.params.get(k, "") for k in keys),
+                        "" if r.val_loss is None else f"{r.val_loss:.6f}",
+                        "" if r.steps is None else r.steps, "" if r.time_s is None else r.time_s,
+                        r.state, r.reason])
+    os.replace(tmp, path)
+
+
+def _write_best(sweep_dir: Path, settings: Mapping[str, Any], best: TrialRow) -> Path:
+    """best.toml: the base config with the best trial's values, ready for `gptforge train --config`."""
+    from gptforge.config import load_config
+
+    overrides = [*settings["budget_overrides"], *(_override(k, v) for k, v in best.params.items())]
+    cfg = load_config(sweep_dir / "base.toml", overrides)
+    path = sweep_dir / "best.toml"
+    tmp = sweep_dir / "best.toml.tmp"
+    cfg.save(tmp)
+    header = (f"# Best trial {best.number} of the sweep in {sweep_dir} (val loss {best.val_loss:.4f}):\n"
+              + "".join(f"#   {k} = {_fmt(v)}\n" for k, v in best.params.items())
+              + f"# Train it with: gptforge train --config {path}\n\n")
+    tmp.write_text(header + tmp.read_text(encoding="utf-8"), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- plots
+
+
+def _plot(sweep_dir: Path, rows: Sequence[TrialRow], params: Sequence[Param]) -> None:
+    """history.png (value per trial and best so far) and params.png (value against each parameter)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = [r for r in rows if r.val_loss is not None]
+    complete = [r for r in scored if r.state == "complete"]
+    stopped = [r for r in scored if r.state != "complete"]
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if complete:
+        ax.scatter([r.number for r in complete], [r.val_loss for r in complete], color="tab:blue",
+                   label="complete", zorder=3)
+    if stopped:
+        ax.scatter([r.number for r in stopped], [r.val_loss for r in stopped], marker="x",
+                   color="tab:gray", label="pruned (best before stopping)", zorder=3)
+    best, xs, ys = math.inf, [], []
+    for r in sorted(complete, key=lambda r: r.number):
+        best = min(best, r.val_loss)
+        xs.append(r.number)
+        ys.append(best)
+    if xs:
+        ax.step(xs, ys, where="post", color="tab:red", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("optimisation history")
+    ax.grid(alpha=0.3)
+    if scored:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(sweep_dir / "history.png", dpi=110)
+    plt.close(fig)
+
+    n = max(1, len(params))
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), sharey=True, squeeze=False)
+    for ax, p in zip(axes[0], params, strict=False):
+        for group, style in ((complete, {"color": "tab:blue"}),
+                             (stopped, {"color": "tab:gray", "marker": "x"})):
+            pts = [(r.params[p.key], r.val_loss) for r in group if p.key in r.params]
+            if not pts:
+                continue
+            if p.kind == "categorical":
+                labels = [str(c) for c in p.choices]
+                x = [labels.index(str(v)) for v, _ in pts]
+            else:
+                x = [v for v, _ in pts]
+            ax.scatter(x, [y for _, y in pts], zorder=3, **style)
+        if p.kind == "categorical":
+            ax.set_xticks(range(len(p.choices)), [str(c) for c in p.choices])
+            ax.set_xlim(-0.5, len(p.choices) - 0.5)
+        elif p.log:
+            ax.set_xscale("log")
+        ax.set_xlabel(p.key)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation loss (nats/token)")
+    fig.suptitle("loss against each parameter (x = pruned)")
+    fig.tight_layout()
+    fig.savefig(sweep_dir / "params.png", dpi=110)
+    plt.close(fig)
