@@ -39,7 +39,7 @@ MODEL_OVERRIDES = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias
 
 @dataclass
 class ModelConfig:
-    preset: str = "gpt-mini"
+    preset: str = "mini"
     """Name of a preset in gptforge.model.PRESETS; the fields below override it when set."""
     n_layer: int | None = None
     """Number of transformer blocks (default: the preset's)."""
