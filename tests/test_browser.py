@@ -57,6 +57,7 @@ def server(tiny_run, tmp_path):
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )
     url = f"http://127.0.0.1:{port}/"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an http_proxy
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -64,7 +65,7 @@ def server(tiny_run, tmp_path):
                 log.seek(0)
                 pytest.fail(f"gptforge serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
             try:
-                with urllib.request.urlopen(url, timeout=2) as r:
+                with direct.open(url, timeout=2) as r:
                     if r.status == 200:
                         break
             except OSError:
