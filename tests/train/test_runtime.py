@@ -1,0 +1,56 @@
+"""Device, precision and RNG handling."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from gptforge.errors import GptforgeError
+from gptforge.train.runtime import (
+    autocast,
+    autodetect_device,
+    grad_scaler,
+    resolve_dtype,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    setup_runtime,
+)
+
+
+def test_device_and_dtype_resolution():
+    assert autodetect_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert autodetect_device("auto").type in ("cpu", "mps")
+        with pytest.raises(GptforgeError, match="no CUDA GPU"):
+            autodetect_device("cuda")
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(GptforgeError, match="float16"):
+        resolve_dtype("float16", cpu)
+    rt = setup_runtime("cpu", "float32")
+    assert (rt.rank, rt.world_size, rt.is_main, rt.distributed) == (0, 1, True, False)
+
+
+def test_cpu_bf16_autocast_and_no_scaler():
+    cpu = torch.device("cpu")
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    with autocast(cpu, torch.bfloat16):
+        assert (a @ b).dtype == torch.bfloat16
+    with autocast(cpu, torch.float32):
+        assert (a @ b).dtype == torch.float32
+    assert not grad_scaler(cpu, torch.bfloat16).is_enabled()
+
+
+def test_rng_state_round_trips_through_weights_only_torch_load(tmp_path):
+    seed_everything(3)
+    state = rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    seed_everything(99)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
