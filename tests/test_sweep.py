@@ -178,7 +178,7 @@ def test_sweep_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["sweep", "--out", str(tmp_path / "none")])
     assert e.value.code == 2
-    assert "pass --config" in capsys.readouterr().err
+    assert "--space" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["sweep", "--config", "x.toml", "--space", "optim.lr=3..1", "--trials", "2",
               "--out", str(tmp_path / "bad")])

@@ -290,7 +290,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                "--budget-per-trial 200steps --space 'optim.lr=log:1e-4..3e-3' --space 'model.dropout=0,0.1,0.2'")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="base config overrides applied to every trial")
-    p.add_argument("--config", help="base config TOML (not needed to continue a sweep)")
+    p.add_argument("--config", metavar="FILE", help="base config TOML (default: the built-in defaults; "
+                                                   "not needed to continue a sweep)")
     p.add_argument("--space", action="append", default=[], metavar="KEY=RANGE",
                    help="a searched field: log:1e-4..3e-3 (log-uniform), 0..0.2 or 2..8 (uniform float/int "
                         "by the literals), int:a..b, or a comma list 4,6,8 (categorical); repeatable")
@@ -325,11 +326,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
         storage = args.storage or os.environ.get("GPTFORGE_SWEEP_STORAGE")
         sweep.run_worker(args.out, args.study, storage, worker=args.worker)
         return
-    out = args.out
-    if out is None:
-        if args.config is None:
-            raise GptforgeError("pass --out SWEEP_DIR (or --config FILE to start a sweep in sweeps/<name>)")
-        out = str(Path("sweeps") / Path(args.config).stem)
+    out = args.out or str(Path("sweeps") / (Path(args.config).stem if args.config else "sweep"))
     sweep.sweep(args.config, args.space, args.trials, out, overrides=args.overrides,
                 budget=args.budget_per_trial, resume=args.resume, workers=args.workers,
                 storage=args.storage, study_name=args.study, pruner=args.pruner,

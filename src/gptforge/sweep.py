@@ -400,10 +400,9 @@ def sweep(
 def _settings(config, overrides, space, n_trials, budget, pruner, startup_trials, seed, existing, sweep_dir):
     """The sweep's settings: from the arguments, checked against (or filled from) an existing study."""
     if existing is None:
-        if config is None:
-            raise GptforgeError(f"no sweep in {sweep_dir} yet; pass --config FILE to start one")
         if not space:
-            raise GptforgeError("nothing to search; pass at least one --space KEY=RANGE")
+            raise GptforgeError(f"no sweep in {sweep_dir} yet and nothing to search; "
+                                "pass at least one --space KEY=RANGE (and --config FILE) to start one")
         if n_trials is None or n_trials < 1:
             raise GptforgeError("pass --trials N (at least 1) to start a sweep")
     params = [parse_space(s) for s in space]
@@ -413,7 +412,9 @@ def _settings(config, overrides, space, n_trials, budget, pruner, startup_trials
     budget_overrides = parse_budget(budget)
     if pruner not in PRUNERS:
         raise GptforgeError(f"unknown pruner {pruner!r}; choose one of {', '.join(PRUNERS)}")
-    base_text = _resolved_toml(config, overrides, budget_overrides) if config is not None else None
+    # The base config: defaults < --config < overrides, as for `gptforge train`.
+    given = existing is None or config is not None or bool(overrides)
+    base_text = _resolved_toml(config, overrides, budget_overrides) if given else None
     if existing is not None:
         # Continuing: anything not given comes from the study; anything given must agree with it.
         if space and list(space) != existing["space"]:
