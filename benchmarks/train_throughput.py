@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -274,8 +275,14 @@ def main(argv: list[str] | None = None) -> None:
     body += [f"- Peak {d}: {peaks[d][0] / 1e9:,.1f} GFLOP/s ({peaks[d][1]})." for d in peaks]
     body += [f"- {n}" for n in notes]
     if device.type == "cpu":
-        body.append("- Other processes shared this CPU during the run, so absolute figures move by several "
-                    "percent from run to run; compare rows of the same run (the ratio column).")
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        if load > (os.cpu_count() or 1):
+            body.append(f"- The CPU was shared (load average {load:.1f} on {os.cpu_count()} cores at the end): "
+                        "tokens/s and the measured peak are both far below an idle machine's, so MFU is not "
+                        "meaningful here; compare rows of the same run (the ratio column).")
+        else:
+            body.append("- Timings move by several percent from run to run; compare rows of the same run "
+                        "(the ratio column).")
     text = "\n".join(body)
     print()
     print(text)
