@@ -12,6 +12,7 @@ from gptforge.errors import GptforgeError
 from gptforge.train.runtime import (
     autocast,
     autodetect_device,
+    cpu_has_bf16,
     grad_scaler,
     resolve_dtype,
     rng_state,
@@ -28,7 +29,8 @@ def test_device_and_dtype_resolution():
         with pytest.raises(GptforgeError, match="no CUDA GPU"):
             autodetect_device("cuda")
     cpu = torch.device("cpu")
-    assert resolve_dtype("auto", cpu) == torch.float32
+    # auto is bf16 only on CPUs with bf16 matmul units (e.g. Zen 4), float32 elsewhere.
+    assert resolve_dtype("auto", cpu) == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
     assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
     with pytest.raises(GptforgeError, match="float16"):
         resolve_dtype("float16", cpu)
@@ -54,3 +56,21 @@ def test_rng_state_round_trips_through_weights_only_torch_load(tmp_path):
     seed_everything(99)
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_cpu_bf16_detection_reads_cpuinfo_flags(monkeypatch, tmp_path):
+    import gptforge.train.runtime as runtime
+
+    real_read = runtime.Path.read_text
+
+    def fake_cpuinfo(flags):
+        def read_text(self, *a, **k):
+            if str(self) == "/proc/cpuinfo":
+                return f"processor : 0\nflags : fpu sse2 {flags}\n"
+            return real_read(self, *a, **k)
+        return read_text
+
+    monkeypatch.setattr(runtime.Path, "read_text", fake_cpuinfo("avx2 avx512f avx512_bf16"))
+    assert cpu_has_bf16() and resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(runtime.Path, "read_text", fake_cpuinfo("avx2"))
+    assert not cpu_has_bf16() and resolve_dtype("auto", torch.device("cpu")) == torch.float32
