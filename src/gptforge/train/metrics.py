@@ -179,7 +179,7 @@ class MetricsLogger:
         fields = _plain(fields)
         step = fields.pop("step", self._last_step)
         self._write({"kind": "event", "event": name, "step": step, "time": time.time(), **fields})
-        details = " ".join(f"{k}={v}" for k, v in fields.items())
+        details = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
         self._console(f"[{name}] step {step}" + (f" {details}" if details else ""))
 
     def print(self, msg: str) -> None:
