@@ -178,7 +178,7 @@ class TrainConfig:
     keep_last: int = 2
     """Step checkpoints to keep (0 keeps none; latest and best are kept apart)."""
     dtype: str = "auto"
-    """"auto" (bfloat16 on CUDA where supported, else float16 on CUDA, float32 elsewhere), "float32", "bfloat16" or "float16"."""
+    """"auto" (bf16 on CUDA where supported, else fp16; bf16 on CPUs with native bf16, else fp32), "float32", "bfloat16" or "float16"."""
     compile: bool = False
     """Run the model through torch.compile (checkpoints still hold the plain module)."""
     device: str = "auto"
