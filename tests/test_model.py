@@ -167,9 +167,9 @@ def test_hf_parity_both_ways(shape, tmp_path):
     assert (ours_logits - hf_logits).abs().max().item() <= 1e-4
     prompt = idx[:1, :5]
     with torch.no_grad():
-        hf_tokens = _greedy(lambda ids: hf(ids).logits, prompt, block_size - 5)
-        assert _greedy(lambda ids: ours(ids)[0], prompt, block_size - 5) == hf_tokens
-        assert _greedy_cached(ours, prompt, block_size - 5) == hf_tokens
+        hf_tokens = _greedy(lambda ids: hf(ids).logits, prompt, 15)
+        assert _greedy(lambda ids: ours(ids)[0], prompt, 15) == hf_tokens
+        assert _greedy_cached(ours, prompt, 15) == hf_tokens
 
     # ours (freshly initialised, so different weights) -> HF
     torch.manual_seed(2)
@@ -298,7 +298,7 @@ def test_kv_cache_greedy_tokens_identical():
     m = _tiny()
     prompt = torch.randint(0, 100, (1, 7), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        assert _greedy_cached(m, prompt, 50) == _greedy(lambda ids: m(ids)[0], prompt, 50)
+        assert _greedy_cached(m, prompt, 40) == _greedy(lambda ids: m(ids)[0], prompt, 40)
 
 
 def test_too_long_input_is_refused():

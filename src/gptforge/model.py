@@ -251,41 +251,41 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, vocab_size: int, chunk: int, compute_dtype: torch.dtype):
         # x: (N, C), weight: (Vp, C), targets: (N,) with -1 = ignore
-        device_type = x.device.type
-        with torch.autocast(device_type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
             xc, wc = x.to(compute_dtype), weight.to(compute_dtype)
             valid = targets != -1
-            n_valid = valid.sum()
             need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-            grad_x = torch.empty_like(xc) if need_grad else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
+            if need_grad:
+                grad_x = torch.empty_like(xc)  # (N, C)
+                grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)  # (Vp, C)
             loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
             for s in range(0, x.size(0), chunk):
-                logits = xc[s : s + chunk] @ wc.t()  # (n, Vp) in the compute dtype
+                x_s, ok = xc[s : s + chunk], valid[s : s + chunk]  # (n, C), (n,)
+                t = targets[s : s + chunk].clamp(min=0).unsqueeze(1)  # (n, 1); ignored rows masked below
+                logits = x_s @ wc.t()  # (n, Vp) in the compute dtype
                 if logits.size(1) > vocab_size:
                     logits[:, vocab_size:] = float("-inf")
-                logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (n, Vp) fp32
+                logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (n, Vp)
                 del logits
-                t = targets[s : s + chunk]
-                ok = valid[s : s + chunk]
-                t_safe = t.clamp(min=0).unsqueeze(1)
-                picked = logp.gather(1, t_safe).squeeze(1)  # (n,)
-                loss_sum -= (picked * ok).sum()
+                loss_sum -= (logp.gather(1, t).squeeze(1) * ok).sum()
                 if need_grad:
-                    grad = logp.exp_()  # softmax, in place: d(loss_i)/d(logits_i) = p - onehot
-                    grad.scatter_add_(1, t_safe, -ok.to(grad.dtype).unsqueeze(1))
-                    if not bool(ok.all()):
-                        grad[~ok] = 0.0
+                    grad = logp.exp_()  # softmax in place: d(loss_i)/d(logits_i) = p_i - onehot(t_i)
+                    grad.scatter_add_(1, t, torch.full_like(t, -1, dtype=grad.dtype))
                     grad = grad.to(compute_dtype)
-                    grad_x[s : s + chunk] = grad @ wc
-                    grad_w += (grad.t() @ xc[s : s + chunk]).float()
+                    # Ignored rows: zero their n x C inputs/outputs rather than their n x Vp gradient.
+                    okf = ok.to(compute_dtype).unsqueeze(1)  # (n, 1)
+                    grad_x[s : s + chunk] = (grad @ wc) * okf
+                    if compute_dtype == torch.float32:
+                        grad_w.addmm_(grad.t(), x_s * okf)
+                    else:  # no mixed-dtype addmm on every device: a bf16 product, summed in fp32
+                        grad_w += (grad.t() @ (x_s * okf)).float()
                 del logp
-            denom = n_valid.clamp(min=1).to(torch.float32)
-            loss = loss_sum / denom if bool(n_valid > 0) else torch.full_like(loss_sum, float("nan"))
+            # 0/0 = nan when every target is ignored, as F.cross_entropy gives.
+            n_valid = valid.sum().to(torch.float32)
+            loss = loss_sum / n_valid
         if need_grad:
-            ctx.save_for_backward(grad_x, grad_w, denom)
-            ctx.x_dtype = x.dtype
-            ctx.w_dtype = weight.dtype
+            ctx.save_for_backward(grad_x, grad_w, n_valid.clamp(min=1))
+            ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
         return loss
 
     @staticmethod
@@ -333,6 +333,8 @@ class GPT(nn.Module):
             self.lm_head = None
         else:
             self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        if self.transformer.wte.weight.device.type == "meta":
+            return  # shapes only (e.g. counting parameters): there are no values to initialise
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): each block adds two of them
         # to the residual stream, and this keeps its variance from growing with depth.
