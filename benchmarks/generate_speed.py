@@ -167,6 +167,12 @@ def main(argv: list[str] | None = None) -> None:
         "",
         table(rows),
         "",
+        "Shapes: mini = 4 layers, 4 heads, 128 wide; small = 6 layers, 6 heads, 384 wide (the `small` preset); "
+        "both with context 256 here. params counts the 50,304-row (padded) token embedding, tied to the LM head, "
+        "which is most of both models. No cache re-runs the model over the whole window for every token, and "
+        "the model returns logits for every position of it, so that path also pays the LM head per position. "
+        "Hugging Face's GPT-2 has no positions past its context, so it has no sliding window to compare with.",
+        "",
         f"Machine: {machine}.",
     ])
     print()

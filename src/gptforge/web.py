@@ -227,7 +227,6 @@ def build_app(
                     gr.Image(value=str(loss_png), label="Loss curves", interactive=False, elem_id="loss-plot")
         inputs = [prompt, max_new, temperature, top_k, top_p, seed, num_samples]
         button.click(run, inputs=inputs, outputs=output, api_name="generate")
-        prompt.submit(run, inputs=inputs, outputs=output)
     # One request at a time: generation already uses every core; the rest wait in the queue.
     demo.queue(default_concurrency_limit=1, max_size=64)
     return demo
@@ -250,7 +249,10 @@ def serve(
     gen = load(run_dir, which=which, device=device)
     demo = build_app(gen, max_new_tokens_limit=max_new_tokens_limit)
     print(f"gptforge: serving {gen.run_dir} on http://{host}:{port}", flush=True)
-    demo.launch(server_name=host, server_port=port, ssr_mode=False, show_error=False, quiet=True)
+    try:
+        demo.launch(server_name=host, server_port=port, ssr_mode=False, show_error=False, quiet=True)
+    except OSError as e:  # Gradio says so when the port is taken or the address cannot be bound
+        raise GptforgeError(f"cannot serve on {host}:{port} ({e}); pick another --port or --host") from None
 
 
 # ----------------------------------------------------------------------------------------- Space export
