@@ -121,6 +121,12 @@ def test_cli_exits_130_on_ctrl_c(tiny_config, tmp_path, tiny_corpus, monkeypatch
                   "model.preset=tiny", "model.n_layer=1", "train.max_steps=50", "train.batch_size=2"])
     assert e.value.code == 130
     assert ckpt.read_info(run / "checkpoints" / "latest")["step"] == 2
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    cli.main(["train", "--resume", str(run), "train.max_steps=3"])
+    assert ckpt.read_info(run / "checkpoints" / "latest")["step"] == 3
+    with pytest.raises(SystemExit) as e:  # the model cannot change under a resumed run
+        cli.main(["train", "--resume", str(run), "model.n_layer=2"])
+    assert e.value.code == 2
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, read_metrics, monkeypatch):

@@ -279,10 +279,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ state
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything but the weights that a resume needs; tensors and plain containers only."""
+    def state_dict(self, collective: bool = True) -> dict[str, Any]:
+        """Everything but the weights that a resume needs; tensors and plain containers only.
+        Under DDP every rank must call it (it gathers all ranks' RNG states) unless collective=False."""
         rng = rng_state()
-        if self.rt.distributed:  # every rank's generators, gathered on all ranks (rank 0 saves them)
+        if self.rt.distributed and collective:  # every rank's generators (rank 0 saves them)
             rngs: list[Any] = [None] * self.world
             torch.distributed.all_gather_object(rngs, rng)
         else:
@@ -318,9 +319,10 @@ class Trainer:
         # Same world size: each rank its own generators; otherwise rank 0's (not bit-exact then).
         set_rng_state(rngs[self.rt.rank] if len(rngs) == self.world else rngs[0])
 
-    def save_checkpoint(self, keep_step_copy: bool = False) -> None:
-        """checkpoints/latest (atomically), plus a step-NNNNNNN copy and pruning when asked."""
-        state = self.state_dict()  # collective under DDP: every rank takes part
+    def save_checkpoint(self, keep_step_copy: bool = False, collective: bool = True) -> None:
+        """checkpoints/latest (atomically), plus a step-NNNNNNN copy and pruning when asked.
+        Collective under DDP (every rank takes part) unless collective=False (rank 0 alone)."""
+        state = self.state_dict(collective)
         if self.rt.is_main and self.last_saved_step != self.step:
             latest = self.run_dir / ckpt.CHECKPOINTS / "latest"
             ckpt.save_model(latest, self.raw_model, self._info(), state=state)
@@ -329,7 +331,8 @@ class Trainer:
             latest = self.run_dir / ckpt.CHECKPOINTS / "latest"
             ckpt.copy_checkpoint(latest, self.run_dir / ckpt.CHECKPOINTS / ckpt.step_name(self.step))
             ckpt.prune_step_checkpoints(self.run_dir, self.config.train.keep_last)
-        self.rt.barrier()
+        if collective:
+            self.rt.barrier()
         self._interval = (time.perf_counter(), self.tokens)
 
     # ------------------------------------------------------------------------------------ helpers
@@ -350,7 +353,9 @@ class Trainer:
             try:
                 self.eval_hook(self.step, {"step": self.step, **record})
             except BaseException as e:
-                self.save_checkpoint()
+                # Only rank 0 runs the hook, so it saves alone (under DDP its RNG state then stands
+                # in for the others': such a resume is not bit-exact) and its exit ends the others.
+                self.save_checkpoint(collective=False)
                 self.log.event("stopped", reason="eval_hook", step=self.step, value=type(e).__name__)
                 raise
         if t.stop_at_loss is not None and not final:
@@ -459,9 +464,11 @@ class Trainer:
         latest = self.run_dir / ckpt.CHECKPOINTS / "latest"
         if resume:
             ckpt.resolve_checkpoint(self.run_dir, "latest")  # clear error when there is none
-        elif latest.exists() or (self.run_dir / "config.toml").exists():
+        elif latest.exists() or latest.with_name("latest.old").exists():
             raise GptforgeError(f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir}, "
                                 "or pick another --out")
+        elif (self.run_dir / "config.toml").exists():
+            raise GptforgeError(f"{self.run_dir} holds a run that saved no checkpoint; delete it or pick another --out")
 
     def _prepare_data(self, resume: bool):
         from gptforge.data.tokens import prepare
