@@ -319,7 +319,9 @@ class GPT(nn.Module):
         self.config = config
         # Rows of the LM-head/cross-entropy computed at once when targets are given (0 = the plain
         # F.cross_entropy over the full logits tensor; both give the same loss and gradients).
-        self.loss_chunk_size = 256
+        # Larger chunks measured faster on a 2-core CPU (fewer passes accumulating grad_weight:
+        # 512-1024 rows 10-20% faster than 256 for the LM head) at ~100 MB of float32 logits per 512 rows.
+        self.loss_chunk_size = 512
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
