@@ -248,11 +248,13 @@ def serve(
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline server
     gen = load(run_dir, which=which, device=device)
     demo = build_app(gen, max_new_tokens_limit=max_new_tokens_limit)
-    print(f"gptforge: serving {gen.run_dir} on http://{host}:{port}", flush=True)
     try:
-        demo.launch(server_name=host, server_port=port, ssr_mode=False, show_error=False, quiet=True)
+        demo.launch(server_name=host, server_port=port, ssr_mode=False, show_error=False, quiet=True,
+                    prevent_thread_lock=True)
     except OSError as e:  # Gradio says so when the port is taken or the address cannot be bound
         raise GptforgeError(f"cannot serve on {host}:{port} ({e}); pick another --port or --host") from None
+    print(f"gptforge: serving {gen.run_dir} on http://{host}:{port} (Ctrl-C stops)", flush=True)
+    demo.block_thread()
 
 
 # ----------------------------------------------------------------------------------------- Space export
