@@ -140,3 +140,12 @@ def test_resume_allows_stop_limits_only(tmp_path):
         resume_config(tmp_path, ["optim.lr=1"])
     with pytest.raises(GptforgeError, match="not a gptforge run directory"):
         resume_config(tmp_path / "nothing")
+
+
+def test_cli_takes_overrides_in_both_forms():
+    from gptforge.cli import build_parser
+
+    args = build_parser().parse_args(["train", "optim.lr=1e-3", "--train.max_steps=5", "--model.preset", "tiny"])
+    assert args.overrides == ["optim.lr=1e-3"] and args.option_overrides == ["train.max_steps=5", "model.preset=tiny"]
+    cfg = load_config(None, [*args.overrides, *args.option_overrides])
+    assert (cfg.optim.lr, cfg.train.max_steps, cfg.model.preset) == (1e-3, 5, "tiny")

@@ -75,6 +75,8 @@ def _run_prepare(args: argparse.Namespace) -> None:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train a model (prepares the data itself)",
+        usage="gptforge train [--config FILE] [--out DIR | --resume RUN] [section.key=value ...] "
+              "[--section.key VALUE ...]",
         description="Train a GPT from a TOML config plus section.key=value overrides, e.g. "
                     "gptforge train --config configs/tinyshakespeare-char.toml train.max_steps=500 optim.lr=1e-3. "
                     "Under torchrun it trains with DDP. Ctrl-C saves the latest checkpoint (exit 130).")
@@ -84,7 +86,25 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="run directory to create (default: runs/<config name>)")
     p.add_argument("--resume", metavar="RUN",
                    help="continue RUN from checkpoints/latest with RUN/config.toml (overrides: stop limits only)")
-    p.set_defaults(func=_run_train)
+    # Every config field is also an option (--train.max_steps 200 or --train.max_steps=200), so
+    # --help lists them all; config.py imports nothing heavy, so this keeps --help fast.
+    from gptforge.config import describe
+
+    for section, fields in describe().items():
+        group = p.add_argument_group(f"[{section}] fields (same as {section}.KEY=VALUE)")
+        for name, doc in fields:
+            group.add_argument(f"--{section}.{name}", action=_ConfigOverride, metavar="VALUE",
+                               dest="option_overrides", help=doc.replace("%", "%%"))
+    p.set_defaults(func=_run_train, option_overrides=None)
+
+
+class _ConfigOverride(argparse.Action):
+    """`--section.key VALUE` -> the override string `section.key=VALUE`, in command-line order."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = list(getattr(namespace, self.dest) or [])
+        items.append(f"{option_string.lstrip('-')}={values}")
+        setattr(namespace, self.dest, items)
 
 
 def _run_train(args: argparse.Namespace) -> None:
@@ -94,6 +114,7 @@ def _run_train(args: argparse.Namespace) -> None:
     from gptforge.train.runtime import print0
     from gptforge.train.trainer import train
 
+    args.overrides = [*args.overrides, *(args.option_overrides or [])]
     if args.resume:
         if args.config:
             raise GptforgeError("--resume uses RUN/config.toml; drop --config (stop limits can be overridden)")

@@ -389,6 +389,12 @@ def parse_override(item: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def describe() -> dict[str, list[tuple[str, str]]]:
+    """{section: [(field, one-line doc), ...]} for every config field (used by `gptforge train --help`)."""
+    return {name: [(f.name, field_docs(cls).get(f.name, "")) for f in dataclasses.fields(cls)]
+            for name, cls in _SECTION_TYPES.items()}
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """The one-line docstrings written under each field, read from the class source."""
     import ast
