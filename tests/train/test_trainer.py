@@ -105,13 +105,13 @@ def test_ctrl_c_saves_latest_and_resume_continues(tiny_config, tmp_path, read_me
     assert [r["loss"] for r in read_metrics(run, "train")] == [r["loss"] for r in read_metrics(tmp_path / "ref", "train")]
 
 
-def test_cli_exits_130_on_ctrl_c(tiny_config, tmp_path, tiny_corpus, monkeypatch):
+def test_cli_exits_130_on_sigterm_and_resumes(tiny_config, tmp_path, tiny_corpus, monkeypatch):
     real_step = Trainer.train_step
 
     def step_then_ctrl_c(self):
         out = real_step(self)
         if self.step == 1:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)  # treated like Ctrl-C: finish the step, save, stop
         return out
 
     monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
@@ -121,6 +121,7 @@ def test_cli_exits_130_on_ctrl_c(tiny_config, tmp_path, tiny_corpus, monkeypatch
                   "model.preset=tiny", "model.n_layer=1", "train.max_steps=50", "train.batch_size=2"])
     assert e.value.code == 130
     assert ckpt.read_info(run / "checkpoints" / "latest")["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     monkeypatch.setattr(Trainer, "train_step", real_step)
     cli.main(["train", "--resume", str(run), "train.max_steps=3"])
     assert ckpt.read_info(run / "checkpoints" / "latest")["step"] == 3
