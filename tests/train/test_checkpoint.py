@@ -82,3 +82,19 @@ def test_state_with_pickled_code_is_refused(run):
     torch.save({"evil": GptforgeError("x")}, latest / ckpt.STATE)  # an arbitrary object, not tensors
     with pytest.raises(GptforgeError, match="damaged or not a gptforge state"):
         ckpt.load_state(latest)
+
+
+def test_a_save_that_dies_half_way_leaves_the_old_latest_intact(run, monkeypatch):
+    run_dir, model = run
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the process were stopped while writing state.pt
+
+    monkeypatch.setattr(torch, "save", die)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_model(run_dir / "checkpoints" / "latest", model, {"step": 9}, state={"x": torch.ones(1)})
+    assert ckpt.load_model(run_dir)[2]["step"] == 7
+    assert ckpt.load_state(run_dir / "checkpoints" / "latest")["trainer"]["step"] == 7
+    monkeypatch.undo()
+    ckpt.save_model(run_dir / "checkpoints" / "latest", model, {"step": 9}, state={"x": torch.ones(1)})
+    assert ckpt.read_info(run_dir / "checkpoints" / "latest")["step"] == 9  # the leftover temp dir is no obstacle
