@@ -387,14 +387,13 @@ class Trainer:
         t = self.config.train
         sampler = BatchSampler(tokens, t.batch_size, self.block_size, mode="random", seed=seed,
                                rank=self.rt.rank, world_size=self.world)
-        total = torch.zeros((), dtype=torch.float64, device=self.rt.device)
+        total = 0.0
         for _ in range(t.eval_batches):
             x, y = sampler.next_batch()
             with self.rt.autocast():
                 _, loss = self.eval_model(x.to(self.rt.device), y.to(self.rt.device))
-            total += loss.double()
-        total = self.rt.all_reduce_sum(total)
-        return float(total) / (t.eval_batches * self.world)
+            total += float(loss)
+        return float(_sum_over_ranks(self.rt, [total])[0]) / (t.eval_batches * self.world)
 
     def _stop_on_nan(self, loss: float) -> None:
         latest = self.run_dir / ckpt.CHECKPOINTS / "latest"
@@ -508,7 +507,7 @@ def split_loss(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batc
         raise GptforgeError(f"a split of {n} token(s) has nothing to predict; give more text")
     num_windows = math.ceil((n - 1) / block_size)
     mine = list(range(rank, num_windows, world_size))
-    totals = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (sum of losses, tokens)
+    loss_sum, tokens_counted = 0.0, 0
     for b in range(0, len(mine), batch_size):
         windows = mine[b:b + batch_size]
         x = torch.zeros((len(windows), block_size), dtype=torch.int64)
@@ -522,10 +521,19 @@ def split_loss(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batc
         count = int((y != -1).sum())
         with rt.autocast():
             _, loss = model(x.to(rt.device), y.to(rt.device))
-        totals[0] += loss.double() * count
-        totals[1] += count
-    totals = rt.all_reduce_sum(totals)
-    return float(totals[0] / totals[1]), int(totals[1])
+        loss_sum += float(loss) * count  # float64 on the host: exact enough for millions of tokens
+        tokens_counted += count
+    loss_sum, tokens_counted = _sum_over_ranks(rt, [loss_sum, tokens_counted]).tolist()
+    return loss_sum / tokens_counted, int(tokens_counted)
+
+
+def _sum_over_ranks(rt: Runtime, values: list[float]) -> torch.Tensor:
+    """float64 sums over ranks, on the device the process group needs (float64 stays on the host
+    otherwise: MPS has no float64)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if rt.distributed:
+        t = rt.all_reduce_sum(t.to(rt.device)).cpu()
+    return t
 
 
 def evaluate_run(run: str | Path, split: str = "val", which: str = "latest", device: str = "auto",
