@@ -149,9 +149,25 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path
 
 
 def test_huge_learning_rate_is_caught(tiny_config, tmp_path):
-    with pytest.raises(GptforgeError, match="training loss became"):
+    with pytest.raises(GptforgeError, match="(training loss|gradient norm) became"):
         train(tiny_config("train.max_steps=20", "optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0"),
               tmp_path / "run")
+
+
+def test_an_infinite_gradient_never_reaches_a_checkpoint(tiny_config, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real_clip = torch.nn.utils.clip_grad_norm_
+    calls = []
+
+    def clip_inf_at_3(params, max_norm):
+        calls.append(1)
+        norm = real_clip(params, max_norm)
+        return torch.tensor(float("inf")) if len(calls) == 3 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_inf_at_3)
+    with pytest.raises(GptforgeError, match="gradient norm became inf at step 3"):
+        train(tiny_config("train.max_steps=10", "train.checkpoint_every=1"), run)
+    assert ckpt.read_info(run / "checkpoints" / "latest")["step"] == 2
 
 
 def test_eval_hook_exception_propagates_after_saving(tiny_config, tmp_path):

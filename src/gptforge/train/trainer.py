@@ -189,7 +189,9 @@ class Trainer:
                 loss = float(flags[0]) / self.world  # the mean over ranks of equal-sized batches
                 self._time_up = bool(flags[2] > 0)
                 if not math.isfinite(loss):
-                    self._stop_on_nan(loss)
+                    self._stop_on_nan("training loss", loss)
+                if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+                    self._stop_on_nan("gradient norm", grad_norm)
                 self.step += 1
                 self.tokens += self.tokens_per_update
                 self.last_train_loss = loss
@@ -249,7 +251,9 @@ class Trainer:
         max_norm = o.grad_clip if o.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
         loss = float(loss_sum) / self.accum
-        if math.isfinite(loss):
+        # fp16's GradScaler skips steps with inf gradients by itself; otherwise a non-finite loss or
+        # gradient must not reach the weights (the loop then stops with the last good checkpoint).
+        if math.isfinite(loss) and (self.scaler.is_enabled() or math.isfinite(float(grad_norm))):
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -395,12 +399,12 @@ class Trainer:
             total += float(loss)
         return float(_sum_over_ranks(self.rt, [total])[0]) / (t.eval_batches * self.world)
 
-    def _stop_on_nan(self, loss: float) -> None:
+    def _stop_on_nan(self, what: str, value: float) -> None:
         latest = self.run_dir / ckpt.CHECKPOINTS / "latest"
         where = (f"the last good checkpoint is {latest} (step {self.last_saved_step})"
                  if self.last_saved_step >= 0 else "no checkpoint was saved yet")
-        self.log.event("stopped", reason="nan", value=str(loss), step=self.step + 1)
-        raise GptforgeError(f"the training loss became {loss} at step {self.step + 1}; {where}; "
+        self.log.event("stopped", reason="nan", metric=what, value=str(value), step=self.step + 1)
+        raise GptforgeError(f"the {what} became {value} at step {self.step + 1}; {where}; "
                             "lower optim.lr, set optim.grad_clip, or use train.dtype=bfloat16/float32")
 
     def _log_train(self, loss: float, grad_norm: float, lr: float) -> None:
