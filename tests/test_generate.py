@@ -182,7 +182,7 @@ def test_stop_at_eot(data_dir):
     assert gen.generate("Hi", max_new_tokens=2, temperature=0.0) == ["<|endoftext|><|endoftext|>"]
     with torch.no_grad():
         model.lm_head.weight[tok.eot_id] = 11.5 / 8  # p(eot) ~ 0.66 per sampled token
-    rows = gen.generate_ids(tok.encode("Hi"), SamplingSettings(max_new_tokens=60, seed=0, num_samples=6,
+    rows = gen.generate_ids(tok.encode("Hi"), SamplingSettings(max_new_tokens=60, seed=0, num_samples=16,
                                                                stop_at_eot=True))
     assert all(tok.eot_id not in row and len(row) < 60 for row in rows)
     assert len({len(row) for row in rows}) > 1  # each sample stops on its own
