@@ -205,3 +205,16 @@ def test_eval_cli_counts_every_token_but_the_first(tiny_config, tmp_path, capsys
     with pytest.raises(SystemExit) as e:
         cli.main(["eval", str(tmp_path / "nothing")])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("limit, reason", [("train.max_tokens=1000", "max_tokens"), ("train.max_time=1.5", "max_time")])
+def test_token_and_time_limits_stop_the_run(tiny_config, tmp_path, read_metrics, limit, reason):
+    run = tmp_path / "run"
+    result = train(tiny_config("train.max_steps=none", "optim.decay_steps=100", limit), run)
+    assert result.stopped_by == reason
+    stop = read_metrics(run, "event")[-1]
+    assert (stop["event"], stop["reason"]) == ("stopped", reason)
+    if reason == "max_tokens":  # 128 tokens per update: the first update at or past 1,000 tokens
+        assert result.tokens == 1024 and result.step == 8 and stop["value"] == 1024
+    else:
+        assert stop["value"] >= 1.5 and 0 < result.step < 100_000
