@@ -152,8 +152,10 @@ def test_sweep_killed_mid_way_resumes_without_losing_trials(tmp_path, shakespear
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         # trials/0001 appears once trial 0 is finished and trial 1 has started training.
+        give_up = time.monotonic() + 600  # only so that a hung sweep fails instead of hanging
         while not (out / "trials" / "0001").exists():
             assert proc.poll() is None, "the sweep exited before its second trial"
+            assert time.monotonic() < give_up, "the sweep never started its second trial"
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)

@@ -316,21 +316,21 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--space", action="append", default=[], metavar="KEY=RANGE",
                    help="a searched field: log:1e-4..3e-3 (log-uniform), 0..0.2 or 2..8 (uniform float/int "
                         "by the literals), int:a..b, or a comma list 4,6,8 (categorical); repeatable")
-    p.add_argument("--trials", type=int, help="total number of trials the study should hold")
+    p.add_argument("--trials", type=int, metavar="N", help="total number of trials the study should hold")
     p.add_argument("--budget-per-trial", metavar="BUDGET",
                    help="stop each trial after e.g. 60s, 5m, 500steps or 2Mtokens (else the config's limits)")
-    p.add_argument("--out", default=None, help="sweep directory (default sweeps/<config name>)")
+    p.add_argument("--out", default=None, metavar="DIR", help="sweep directory (default sweeps/<config name>)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep: trials a kill left running are re-run")
-    p.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine")
-    p.add_argument("--storage", help="Optuna storage URL shared by several machines, e.g. "
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="parallel worker processes on this machine")
+    p.add_argument("--storage", metavar="URL", help="Optuna storage URL shared by several machines, e.g. "
                                      "postgresql://user:pass@host/db (default sqlite:///OUT/study.db)")
-    p.add_argument("--study", help="study name in the storage (default: the --out directory's name)")
+    p.add_argument("--study", metavar="NAME", help="study name in the storage (default: the --out directory's name)")
     p.add_argument("--pruner", choices=["median", "halving", "none"], default="median",
                    help="stop hopeless trials early (default median)")
-    p.add_argument("--startup-trials", type=int, default=2,
+    p.add_argument("--startup-trials", type=int, default=2, metavar="K",
                    help="trials that finish before the median pruner starts pruning (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="sampler seed (default 0)")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_run_sweep)
 

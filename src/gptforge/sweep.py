@@ -363,7 +363,7 @@ def sweep(
     sweep_dir = Path(out)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     study_name = study_name or sweep_dir.resolve().name
-    log = print if verbose else (lambda s: None)
+    log = (lambda s: print(s, flush=True)) if verbose else (lambda s: None)
     if workers < 1:
         raise GptforgeError(f"--workers must be at least 1, got {workers}")
 
@@ -634,16 +634,16 @@ def _write_best(sweep_dir: Path, settings: Mapping[str, Any], best: TrialRow) ->
 
 def _plot(sweep_dir: Path, rows: Sequence[TrialRow], params: Sequence[Param]) -> None:
     """history.png (value per trial and best so far) and params.png (value against each parameter)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # Figure objects without pyplot: drawing never switches the caller's matplotlib backend.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     scored = [r for r in rows if r.val_loss is not None]
     complete = [r for r in scored if r.state == "complete"]
     stopped = [r for r in scored if r.state != "complete"]
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     if complete:
         ax.scatter([r.number for r in complete], [r.val_loss for r in complete], color="tab:blue",
                    label="complete", zorder=3)
@@ -665,10 +665,10 @@ def _plot(sweep_dir: Path, rows: Sequence[TrialRow], params: Sequence[Param]) ->
         ax.legend()
     fig.tight_layout()
     fig.savefig(sweep_dir / "history.png", dpi=110)
-    plt.close(fig)
 
     n = max(1, len(params))
-    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), sharey=True, squeeze=False)
+    fig = Figure(figsize=(3.6 * n, 3.4))
+    axes = fig.subplots(1, n, sharey=True, squeeze=False)
     for ax, p in zip(axes[0], params, strict=False):
         for group, style in ((complete, {"color": "tab:blue"}),
                              (stopped, {"color": "tab:gray", "marker": "x"})):
@@ -686,10 +686,14 @@ def _plot(sweep_dir: Path, rows: Sequence[TrialRow], params: Sequence[Param]) ->
             ax.set_xlim(-0.5, len(p.choices) - 0.5)
         elif p.log:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # labels would overlap
+            ax.set_xlim(p.low / 1.2, p.high * 1.2)
+        else:
+            pad = (p.high - p.low) * 0.05
+            ax.set_xlim(p.low - pad, p.high + pad)
         ax.set_xlabel(p.key)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation loss (nats/token)")
     fig.suptitle("loss against each parameter (x = pruned)")
     fig.tight_layout()
     fig.savefig(sweep_dir / "params.png", dpi=110)
-    plt.close(fig)
