@@ -188,7 +188,7 @@ class TrainConfig:
     tensorboard: bool = False
     """Also write TensorBoard scalars into RUN/tensorboard."""
     init: str | None = None
-    """Reserved for the tuning helper: a run or checkpoint directory to start the weights from."""
+    """Start from these weights, not a random init: a gptforge run or checkpoint directory, a Hugging Face GPT-2 directory, or a Hub name (gpt2); see gptforge.train.init."""
 
     def validate(self) -> None:
         _choice("train.stop_metric", self.stop_metric, ("val", "train_full"))
