@@ -12,6 +12,7 @@ that calls the library. Libraries are imported inside `_run_*` so `--help` does 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from gptforge import __version__
@@ -86,6 +87,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="run directory to create (default: runs/<config name>)")
     p.add_argument("--resume", metavar="RUN",
                    help="continue RUN from checkpoints/latest with RUN/config.toml (overrides: stop limits only)")
+    p.add_argument("--init", metavar="WEIGHTS",
+                   help="start from these weights instead of random ones: a Hugging Face GPT-2 directory, a Hub "
+                        "name such as gpt2 (online), or another gptforge run (same as train.init=WEIGHTS)")
     # Every config field is also an option (--train.max_steps 200 or --train.max_steps=200), so
     # --help lists them all; config.py imports nothing heavy, so this keeps --help fast.
     from gptforge.config import describe
@@ -115,6 +119,8 @@ def _run_train(args: argparse.Namespace) -> None:
     from gptforge.train.trainer import train
 
     args.overrides = [*args.overrides, *(args.option_overrides or [])]
+    if args.init:
+        args.overrides.append(f"train.init={args.init}")
     if args.resume:
         if args.config:
             raise GptforgeError("--resume uses RUN/config.toml; drop --config (stop limits can be overridden)")
@@ -380,6 +386,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("gptforge: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        # `gptforge generate ... | head`: the reader left; exit quietly like other Unix tools.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

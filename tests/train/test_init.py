@@ -47,13 +47,14 @@ def hf_dir(tmp_path) -> Path:
 def test_init_from_huggingface_gives_the_hf_models_first_step_loss(tmp_path, shakespeare_text, hf_dir):
     from transformers import GPT2LMHeadModel
 
-    from gptforge.train.trainer import train
+    from gptforge.cli import main
 
     corpus = _corpus(tmp_path, shakespeare_text)
     # model.block_size = 32 < the weights' 64: fine-tuning at a shorter context crops the positions.
-    config = load_config(None, ["model.preset=tiny", f"data.corpus={corpus}", f"train.init={hf_dir}",
-                                "model.block_size=32", "train.max_steps=1", "train.batch_size=4"])
-    train(config, tmp_path / "run")
+    overrides = ["model.preset=tiny", f"data.corpus={corpus}", "model.block_size=32", "train.max_steps=1",
+                 "train.batch_size=4"]
+    main(["train", "--init", str(hf_dir), "--out", str(tmp_path / "run"), *overrides])  # as a user types it
+    config = load_config(None, [*overrides, f"train.init={hf_dir}"])
 
     hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     x, y = _first_batch(config, 32, "gpt2")
