@@ -1,0 +1,165 @@
+"""Time to quality: validation loss against wall-clock seconds of training for the char-level recipes.
+
+    python benchmarks/time_to_loss.py                       # the 30-s and 10-min recipes, ~12 minutes
+    python benchmarks/time_to_loss.py --configs configs/tinyshakespeare-char-30s.toml --no-write
+    python benchmarks/time_to_loss.py --override train.max_time=10 --no-write   # a quick smoke run
+
+Each recipe is trained as is (its own evaluation points, its own time budget) into runs/time-to-loss/.
+At every evaluation the trainer's clock is read: the seconds of training so far, which include the
+earlier evaluations and the first step's warm-up but not data preparation or model construction. The
+final model is then scored exactly over the whole validation split (gptforge eval's float32 path),
+next to the trainer's estimate from `eval_batches` random windows.
+
+Writes docs/results/time_to_loss.jsonl (one line per evaluation), docs/results/time_to_loss.png and
+the table between the `<!-- bench:time_to_loss -->` markers of docs/benchmarks.md, with the machine.
+Losses are mean cross-entropy in nats per character. Time measured while other processes load the
+CPU is slower: the load average at the start of each run is recorded next to its numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, machine_summary, update_section  # noqa: E402
+
+from gptforge.config import load_config  # noqa: E402
+from gptforge.train.trainer import Trainer, evaluate_run  # noqa: E402
+
+DEFAULT_CONFIGS = ["configs/tinyshakespeare-char-30s.toml", "configs/tinyshakespeare-char-10min.toml"]
+RESULTS = REPO / "docs" / "results"
+TARGETS = [(30.0, 1.88), (600.0, 1.55)]  # (seconds of training, validation loss) from issue 6
+NANOGPT = (91.0, 1.886)  # nanoGPT's CPU shakespeare_char recipe on this kind of machine (issue 6)
+
+
+def run_recipe(config_path: str, out_root: Path, overrides: list[str]) -> dict:
+    """Train one recipe, timing each evaluation; returns its summary and its curve."""
+    cfg = load_config(REPO / config_path, overrides)
+    name = Path(config_path).stem
+    run_dir = out_root / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # the benchmark's own scratch runs: always start fresh
+    load = os.getloadavg()[0]
+    curve: list[dict] = []
+    trainer: Trainer | None = None
+
+    def hook(step: int, record: dict) -> None:
+        # trainer.elapsed was read just before this evaluation: seconds of training that produced the model.
+        curve.append({"config": name, "step": step, "seconds": round(trainer.elapsed, 3),
+                      "tokens": record["tokens"], "val_loss": record.get("val_loss"),
+                      "train_loss": record.get("train_loss")})
+        print(f"  {name}: {trainer.elapsed:7.1f} s  step {step:5d}  val_loss {record.get('val_loss'):.4f}",
+              flush=True)
+
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, run_dir, eval_hook=hook)
+    setup_s = time.perf_counter() - t0
+    result = trainer.train()
+    exact = evaluate_run(run_dir, split="val", which="latest", device="cpu")
+    return {"config": name, "path": config_path, "run_dir": str(run_dir), "load_at_start": round(load, 2),
+            "setup_s": round(setup_s, 1), "seconds": round(trainer.elapsed, 1), "step": result.step,
+            "tokens": result.tokens, "tokens_per_s": round(result.tokens / max(trainer.elapsed, 1e-9)),
+            "stopped_by": result.stopped_by, "val_loss_estimate": result.val_loss,
+            "val_loss_exact": exact["loss"], "val_tokens": exact["tokens"], "params": trainer.raw_model.num_params(),
+            "curve": curve}
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for r in results:
+        xs = [p["seconds"] for p in r["curve"] if p["val_loss"] is not None]
+        ys = [p["val_loss"] for p in r["curve"] if p["val_loss"] is not None]
+        ax.plot(xs, ys, marker="o", ms=3, label=f"{r['config']} (exact final {r['val_loss_exact']:.3f})")
+    for seconds, loss in TARGETS:
+        ax.plot([seconds], [loss], marker="*", ms=12, color="crimson", linestyle="none")
+        ax.annotate(f"target {loss} @ {seconds:.0f} s", (seconds, loss), textcoords="offset points",
+                    xytext=(6, 6), fontsize=8, color="crimson")
+    ax.plot([NANOGPT[0]], [NANOGPT[1]], marker="x", ms=9, color="gray", linestyle="none",
+            label=f"nanoGPT CPU recipe: {NANOGPT[1]} @ {NANOGPT[0]:.0f} s")
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds of training (log scale; includes the periodic evaluations)")
+    ax.set_ylabel("validation loss (nats/char)")
+    ax.set_title("Tiny Shakespeare, character level: time to quality on the CPU")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(results: list[dict], machine: str) -> str:
+    lines = [
+        "## Time to quality (character level, CPU)",
+        "",
+        "`python benchmarks/time_to_loss.py`: each char-level recipe trained as is; validation loss is the "
+        "mean cross-entropy in nats per character, estimated during the run from the recipe's `eval_batches` "
+        "random windows, and at the end exactly over the whole validation split (float32). "
+        "Seconds are the trainer's clock (training plus its periodic evaluations; data preparation and "
+        "model construction excluded). Targets from issue 6: <= 1.88 within 30 s, <= 1.55 within 10 minutes.",
+        "",
+        f"Machine: {machine}",
+        "",
+        "| recipe | params | load avg at start | seconds | steps | tokens | tokens/s | val loss (estimate) "
+        "| val loss (exact, whole split) | stopped by |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        lines.append(f"| `{r['path']}` | {r['params'] / 1e6:.2f}M | {r['load_at_start']} | {r['seconds']} | "
+                     f"{r['step']} | {r['tokens']:,} | {r['tokens_per_s']:,} | {r['val_loss_estimate']:.4f} | "
+                     f"{r['val_loss_exact']:.4f} ({r['val_tokens']:,} tokens) | {r['stopped_by']} |")
+    lines += ["", "Validation loss by seconds of training (estimates at each evaluation):", "",
+              "| recipe | seconds | step | val loss |", "|---|---:|---:|---:|"]
+    for r in results:
+        for p in r["curve"]:
+            lines.append(f"| {r['config']} | {p['seconds']:.1f} | {p['step']} | {p['val_loss']:.4f} |")
+    lines += ["", "![validation loss against seconds](results/time_to_loss.png)"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="recipes to run, in order")
+    parser.add_argument("--override", nargs="*", default=[], help="section.key=value for every recipe")
+    parser.add_argument("--out", default="runs/time-to-loss", help="directory for the runs")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ untouched")
+    args = parser.parse_args()
+
+    os.environ.setdefault("GPTFORGE_DATA_DIR", str(REPO.parent / "shared" / "data"))
+    machine = machine_summary(torch.device("cpu"))
+    print(machine, flush=True)
+    results = []
+    for path in args.configs:
+        print(f"{path}:", flush=True)
+        r = run_recipe(path, Path(args.out), args.override)
+        print(f"  -> {r['seconds']} s, {r['tokens_per_s']:,} tokens/s, val loss {r['val_loss_exact']:.4f} exact "
+              f"({r['val_loss_estimate']:.4f} estimated), stopped by {r['stopped_by']}", flush=True)
+        results.append(r)
+    if args.no_write:
+        return
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / "time_to_loss.jsonl", "w", encoding="utf-8") as f:
+        for r in results:
+            f.write(json.dumps({k: v for k, v in r.items() if k != "curve"} | {"kind": "summary"}) + "\n")
+            for p in r["curve"]:
+                f.write(json.dumps(p | {"kind": "eval"}) + "\n")
+    plot(results, RESULTS / "time_to_loss.png")
+    update_section(REPO / "docs" / "benchmarks.md", "bench:time_to_loss", table(results, machine))
+    print(f"wrote {RESULTS / 'time_to_loss.png'}, {RESULTS / 'time_to_loss.jsonl'} and docs/benchmarks.md")
+
+
+if __name__ == "__main__":
+    main()
