@@ -5,7 +5,6 @@ tree clean)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -28,16 +27,6 @@ pytestmark = [
     pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian's chromium at /usr/bin/chromium "
                        "(apt-get install -y chromium); CI installs it"),
 ]
-
-_spec = importlib.util.spec_from_file_location("gen_fixtures", Path(__file__).with_name("gen_fixtures.py"))
-gen_fixtures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gen_fixtures)
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, shakespeare_text) -> Path:
-    return gen_fixtures.tiny_run(tmp_path_factory, shakespeare_text)
-
 
 def _free_port() -> int:
     with socket.socket() as s:

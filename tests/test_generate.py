@@ -3,9 +3,7 @@ the `generate` CLI on a tiny trained run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,16 +20,6 @@ from gptforge.generate import (
     top_p_filter,
 )
 from gptforge.model import GPT, GPTConfig
-
-_spec = importlib.util.spec_from_file_location("gen_fixtures", Path(__file__).with_name("gen_fixtures.py"))
-gen_fixtures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gen_fixtures)
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, shakespeare_text) -> Path:
-    """A char-level model really trained for 120 steps on a slice of Tiny Shakespeare (once per session)."""
-    return gen_fixtures.tiny_run(tmp_path_factory, shakespeare_text)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -3,7 +3,6 @@ and `export-space` (the exported folder must build its page offline, with its ow
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -22,15 +21,6 @@ from gptforge.web import (
     model_card_markdown,
     model_facts,
 )
-
-_spec = importlib.util.spec_from_file_location("gen_fixtures", Path(__file__).with_name("gen_fixtures.py"))
-gen_fixtures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gen_fixtures)
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, shakespeare_text) -> Path:
-    return gen_fixtures.tiny_run(tmp_path_factory, shakespeare_text)
 
 
 @pytest.fixture(autouse=True, scope="module")
