@@ -294,6 +294,20 @@ def test_kv_cache_matches_full_forward():
             m(idx[:, :9], kv_cache=small)
 
 
+def test_last_only_is_the_last_position_of_the_full_logits():
+    m = _tiny()
+    idx = torch.randint(0, 100, (2, 33), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full, _ = m(idx)
+        last, _ = m(idx, last_only=True)
+        cache = m.new_kv_cache(2)
+        cached, _ = m(idx, kv_cache=cache, last_only=True)
+    assert last.shape == cached.shape == (2, 1, 100)
+    assert (last - full[:, -1:]).abs().max().item() <= 1e-6
+    assert (cached - full[:, -1:]).abs().max().item() <= 1e-5
+    assert cache.pos == 33
+
+
 def test_kv_cache_greedy_tokens_identical():
     m = _tiny()
     prompt = torch.randint(0, 100, (1, 7), generator=torch.Generator().manual_seed(4))

@@ -277,9 +277,9 @@ class Generator:
                 if cache is not None:
                     cache.reset()
             if cache is not None:
-                logits, _ = self.model(idx[:, start + cache.pos : L], kv_cache=cache)
+                logits, _ = self.model(idx[:, start + cache.pos : L], kv_cache=cache, last_only=True)
             else:
-                logits, _ = self.model(idx[:, start:L])
+                logits, _ = self.model(idx[:, start:L], last_only=True)
             logits = logits[:, -1, : self.vocab_limit]  # (B, V)
             nxt = sample_next(logits, s.temperature, s.top_k, s.top_p, generator=rng)  # (B,)
             if eot is not None:

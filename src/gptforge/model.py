@@ -369,7 +369,10 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`last_only=True` (without targets) returns only the last position's logits, (B, 1, V):
+        all that sampling needs, and it spares the LM head (most of a small model's FLOPs) the rest."""
         B, T = idx.size()
         start = 0 if kv_cache is None else kv_cache.pos
         if start + T > self.config.block_size:
@@ -392,8 +395,10 @@ class GPT(nn.Module):
 
         V, W = self.config.vocab_size, self.lm_head_weight
         if targets is None:
+            if last_only:
+                x = x[:, -1:, :]  # (B, 1, C)
             # Only the real vocabulary's rows: padded ids never get a logit, hence no probability.
-            return F.linear(x, W[:V]), None  # (B, T, V)
+            return F.linear(x, W[:V]), None  # (B, T, V) or (B, 1, V)
         if self.loss_chunk_size:
             # The chunked path masks padded columns to -inf inside the softmax.
             loss = chunked_cross_entropy(x.view(B * T, -1), W, targets.reshape(-1), V, self.loss_chunk_size)
