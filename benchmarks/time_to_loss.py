@@ -3,6 +3,7 @@
     python benchmarks/time_to_loss.py                       # the 30-s and 10-min recipes, ~12 minutes
     python benchmarks/time_to_loss.py --configs configs/tinyshakespeare-char-30s.toml --no-write
     python benchmarks/time_to_loss.py --override train.max_time=10 --no-write   # a quick smoke run
+    python benchmarks/time_to_loss.py --threads 1            # steady timing on a CPU shared with other jobs
 
 Each recipe is trained as is (its own evaluation points, its own time budget) into runs/time-to-loss/.
 At every evaluation the trainer's clock is read: the seconds of training so far, which include the
@@ -135,8 +136,13 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="recipes to run, in order")
     parser.add_argument("--override", nargs="*", default=[], help="section.key=value for every recipe")
     parser.add_argument("--out", default="runs/time-to-loss", help="directory for the runs")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's own). 1 keeps the timing steady on a shared CPU: "
+                             "2 threads slow down many-fold whenever another process wants a core")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ untouched")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     os.environ.setdefault("GPTFORGE_DATA_DIR", str(REPO.parent / "shared" / "data"))
     machine = machine_summary(torch.device("cpu"))
