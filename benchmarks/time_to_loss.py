@@ -102,11 +102,11 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def table(results: list[dict], machine: str) -> str:
+def table(results: list[dict], machine: str, command: str) -> str:
     lines = [
         "## Time to quality (character level, CPU)",
         "",
-        "`python benchmarks/time_to_loss.py`: each char-level recipe trained as is; validation loss is the "
+        f"`{command}`: each char-level recipe trained as is; validation loss is the "
         "mean cross-entropy in nats per character, estimated during the run from the recipe's `eval_batches` "
         "random windows, and at the end exactly over the whole validation split (float32). "
         "Seconds are the trainer's clock (training plus its periodic evaluations; data preparation and "
@@ -163,7 +163,8 @@ def main() -> None:
             for p in r["curve"]:
                 f.write(json.dumps(p | {"kind": "eval"}) + "\n")
     plot(results, RESULTS / "time_to_loss.png")
-    update_section(REPO / "docs" / "benchmarks.md", "bench:time_to_loss", table(results, machine))
+    command = "python benchmarks/time_to_loss.py" + (f" --threads {args.threads}" if args.threads else "")
+    update_section(REPO / "docs" / "benchmarks.md", "bench:time_to_loss", table(results, machine, command))
     print(f"wrote {RESULTS / 'time_to_loss.png'}, {RESULTS / 'time_to_loss.jsonl'} and docs/benchmarks.md")
 
 
