@@ -33,6 +33,16 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("GPTFORGE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests: two OpenMP threads syncing on a busy 2-core
+    CPU cost far more than they save at this size. Opt in with pytest.mark.usefixtures("one_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if DATA_DIR is None or not (DATA_DIR / "tinyshakespeare" / "input.txt").is_file():

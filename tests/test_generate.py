@@ -21,14 +21,7 @@ from gptforge.generate import (
 )
 from gptforge.model import GPT, GPTConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models decode faster on one thread than with two threads syncing on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nROMEO:\nBut soft! what light?\n"
