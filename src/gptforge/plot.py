@@ -14,12 +14,24 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from gptforge.errors import GptforgeError
 
-__all__ = ["plot_run", "read_metrics"]
+__all__ = ["iter_records", "plot_run", "read_metrics"]
+
+
+def iter_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(line, record) for each JSON object in a metrics.jsonl; a line cut short by a kill is skipped."""
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            yield line, record
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
@@ -33,13 +45,7 @@ def read_metrics(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
         raise GptforgeError(f"{path} not found; pass a run directory that gptforge train has logged into")
     by_step: dict[str, dict[Any, dict[str, Any]]] = {"train": {}, "eval": {}}
     events: list[dict[str, Any]] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(record, dict):
-            continue
+    for _, record in iter_records(path):
         kind = record.get("kind")
         if kind in by_step and isinstance(record.get("step"), (int, float)):
             by_step[kind][record["step"]] = record

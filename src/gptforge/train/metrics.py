@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from gptforge.errors import GptforgeError
+from gptforge.plot import iter_records
 
 __all__ = ["MetricsLogger", "device_peak_flops", "gpu_peak_flops", "mfu"]
 
@@ -61,18 +62,8 @@ def _truncate_after(path: Path, resume_step: int) -> None:
     resumes from and will be written again. A line cut short by a kill is dropped too."""
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(record, dict):
-            continue
-        step = record.get("step")
-        if _is_number(step) and step > resume_step:
-            continue
-        kept.append(line + "\n")
+    kept = [line + "\n" for line, record in iter_records(path)
+            if not (_is_number(record.get("step")) and record["step"] > resume_step)]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept), encoding="utf-8")
     os.replace(tmp, path)  # atomic: a kill here leaves either the old file or the new one
