@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import hashlib
+import json
 import math
 import signal
 import threading
@@ -56,8 +59,13 @@ class TrainResult:
     step: int
     tokens: int
     train_loss: float | None
+    """The last update's mean loss over its tokens (training mode: dropout on, training precision)."""
     val_loss: float | None
+    """Validation loss at the last evaluation (eval mode, float32)."""
     stopped_by: str
+    eval_train_loss: float | None = None
+    """Training-split loss at the last evaluation, measured like val_loss (eval mode, float32): the
+    number to put beside val_loss. Over `eval_batches` batches, or the whole split with train_full."""
 
 
 def train(config: Config, out_dir: str | Path, resume: bool = False,
@@ -80,24 +88,28 @@ class Trainer:
         from gptforge.data.tokens import BatchSampler
         from gptforge.model import GPT, GPTConfig
 
-        if not resume and config.optim.decay_steps is None and config.optim.schedule == "cosine":
-            # Freeze the schedule's length into the saved config, so that resuming with a larger
-            # train.max_steps continues the same schedule instead of silently reshaping it.
-            config = copy.deepcopy(config)
-            config.optim.decay_steps = config.decay_steps()
-        self.config, self.eval_hook = config, eval_hook
         self.run_dir = Path(out_dir)
-        self._check_run_dir(resume)
-        # train.init: the architecture (and a run's tokenizer) come from the weights; see train/init.py.
+        # A run killed before its first checkpoint has only its config: --resume starts it again from
+        # step 0 with that config, so a restart loop on a preemptible machine always gets somewhere.
+        has_checkpoint = self._check_run_dir(resume)
+        self.restarted = resume and not has_checkpoint
+        resume = resume and not self.restarted
+        # train.init first: the architecture (and a run's tokenizer) come from the weights, and
+        # everything derived from the shapes below (tokens per update, schedule length) needs them.
         self.init = None
         if config.train.init and not resume:
             from gptforge.train.init import prepare_init
 
             config, self.init = prepare_init(config)
-            self.config = config
+        if not resume:
+            config = _frozen(config)
+        self.config, self.eval_hook = config, eval_hook
         t, m = config.train, config.model
 
         self.rt: Runtime = setup_runtime(t.device, t.dtype)
+        # Evaluation runs in float32 whatever the training precision, as `gptforge eval` does, so a
+        # logged loss (and a stop_at_loss decision) is the number `gptforge eval` reproduces.
+        self.eval_rt: Runtime = dataclasses.replace(self.rt, dtype=torch.float32)
         self.world = self.rt.world_size
         self.accum = config.grad_accum_steps(self.world)
 
@@ -112,6 +124,8 @@ class Trainer:
         self.rt.barrier()
         if not self.rt.is_main:
             self.data = self._prepare_data(resume)
+        if resume or self.restarted:
+            check_data_identity(self.run_dir, self.data)
         self.tokenizer = self.data.tokenizer
         self.tokens_per_update = t.batch_size * block_size * self.world * self.accum
         self.total_steps = config.decay_steps(self.world)
@@ -132,7 +146,8 @@ class Trainer:
         self.tokens = 0          # training tokens consumed, all ranks
         self.elapsed = 0.0       # training seconds, summed over resumed runs
         self.best_val = math.inf
-        self.last_train_loss: float | None = None
+        self.last_train_loss: float | None = None       # the last update's loss (dropout on)
+        self.last_eval_train_loss: float | None = None  # the training split at the last evaluation
         self.last_val_loss: float | None = None
         self.last_eval_step = -1
         self.last_saved_step = -1
@@ -155,10 +170,15 @@ class Trainer:
         from gptforge.train.metrics import MetricsLogger
 
         self.log = MetricsLogger(self.run_dir, total_steps=t.max_steps, enabled=self.rt.is_main,
-                                 tensorboard=t.tensorboard, resume_step=self.step if resume else None)
+                                 tensorboard=t.tensorboard,
+                                 resume_step=self.step if (resume or self.restarted) else None)
         if self.rt.is_main and not resume:
-            config.save(self.run_dir / "config.toml")
-            self.tokenizer.save(self.run_dir / "tokenizer")
+            if not self.restarted:  # a restart runs the config saved when the run began
+                config.save(self.run_dir / "config.toml")
+            if not self.restarted or not (self.run_dir / "tokenizer").is_dir():
+                self.tokenizer.save(self.run_dir / "tokenizer")
+            if not self.restarted or not (self.run_dir / DATA_IDENTITY).is_file():
+                save_data_identity(self.run_dir, self.data)
 
     # ------------------------------------------------------------------------------------ the loop
 
@@ -223,7 +243,8 @@ class Trainer:
         stop.uninstall()
         self._finish()
         return TrainResult(run_dir=self.run_dir, step=self.step, tokens=self.tokens,
-                           train_loss=self.last_train_loss, val_loss=self.last_val_loss, stopped_by=stopped_by)
+                           train_loss=self.last_train_loss, val_loss=self.last_val_loss, stopped_by=stopped_by,
+                           eval_train_loss=self.last_eval_train_loss)
 
     def train_step(self) -> tuple[float, float, float]:
         """One optimizer update over `accum` micro-batches; returns (this rank's mean loss, grad norm, lr).
@@ -272,7 +293,7 @@ class Trainer:
                 record["val_loss"] = self._estimate_loss(self.data.val, seed=t.seed + 1)
             if t.stop_metric == "train_full":
                 loss, count = split_loss(self.eval_model, self.data.train, self.block_size, t.batch_size,
-                                         self.rt, rank=self.rt.rank, world_size=self.world)
+                                         self.eval_rt, rank=self.rt.rank, world_size=self.world)
                 record["train_loss"] = loss
                 record["train_loss_tokens"] = count
             else:
@@ -295,7 +316,7 @@ class Trainer:
         return {
             "trainer": {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
                         "best_val": self.best_val, "last_train_loss": self.last_train_loss,
-                        "last_val_loss": self.last_val_loss, "last_eval_step": self.last_eval_step,
+                        "last_eval_train_loss": self.last_eval_train_loss, "last_val_loss": self.last_val_loss, "last_eval_step": self.last_eval_step,
                         "world_size": self.world, "accum": self.accum},
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -313,6 +334,7 @@ class Trainer:
         self.step, self.tokens, self.elapsed = int(tr["step"]), int(tr["tokens"]), float(tr["elapsed"])
         self.best_val = float(tr["best_val"])
         self.last_train_loss, self.last_val_loss = tr["last_train_loss"], tr["last_val_loss"]
+        self.last_eval_train_loss = tr.get("last_eval_train_loss")  # absent in older checkpoints
         self.last_eval_step = int(tr["last_eval_step"])
         self.last_saved_step = self.step
         self.optimizer.load_state_dict(state["optimizer"])
@@ -346,6 +368,7 @@ class Trainer:
         record = self.evaluate()
         self.last_eval_step = self.step
         self.last_val_loss = record.get("val_loss", self.last_val_loss)
+        self.last_eval_train_loss = record.get("train_loss", self.last_eval_train_loss)
         self.log.log_eval(self.step, **record)
         self._interval = (time.perf_counter(), self.tokens)  # tokens/s counts training time only
         val = record.get("val_loss")
@@ -394,7 +417,7 @@ class Trainer:
         total = 0.0
         for _ in range(t.eval_batches):
             x, y = sampler.next_batch()
-            with self.rt.autocast():
+            with self.eval_rt.autocast():
                 _, loss = self.eval_model(x.to(self.rt.device), y.to(self.rt.device))
             total += float(loss)
         return float(_sum_over_ranks(self.rt, [total])[0]) / (t.eval_batches * self.world)
@@ -437,16 +460,20 @@ class Trainer:
                     self._peak_flops, peak_source = device_peak_flops(self.rt.device, self.rt.dtype)
             except Exception as e:  # MFU is a nicety; never fail a run over it
                 peak_source = f"unavailable ({type(e).__name__})"
+        self.log.mfu_basis = "vs measured GEMM" if peak_source.startswith("measured") else "vs datasheet peak"
         self._interval = (time.perf_counter(), self.tokens)
         self._last_logged_step = self.step
+        if self.restarted:
+            self.log.print(f"gptforge: {self.run_dir} saved no checkpoint before it stopped; starting it again "
+                           "from step 0 with its saved config")
         self.log.event(
-            "resumed" if self.step else "started", step=self.step, run_dir=str(self.run_dir),
+            "resumed" if self.step else ("restarted" if self.restarted else "started"), step=self.step, run_dir=str(self.run_dir),
             device=str(self.rt.device), dtype=str(self.rt.dtype).removeprefix("torch."), world_size=self.world,
             params=self.raw_model.num_params(), batch_size=self.config.train.batch_size,
             grad_accum_steps=self.accum, tokens_per_update=self.tokens_per_update, block_size=self.block_size,
             vocab_size=self.tokenizer.vocab_size, train_tokens=len(self.data.train),
             val_tokens=0 if self.data.val is None else len(self.data.val), peak_flops=self._peak_flops,
-            peak_flops_source=peak_source)
+            peak_flops_source=peak_source, mfu_basis=self.log.mfu_basis)
 
     def _finish(self) -> None:
         self.log.close()
@@ -461,17 +488,24 @@ class Trainer:
 
     def _info(self) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens, "train_loss": self.last_train_loss,
-                "val_loss": self.last_val_loss, "time": round(self.elapsed, 3)}
+                "eval_train_loss": self.last_eval_train_loss, "val_loss": self.last_val_loss,
+                "time": round(self.elapsed, 3)}
 
-    def _check_run_dir(self, resume: bool) -> None:
+    def _check_run_dir(self, resume: bool) -> bool:
+        """Whether the run directory holds a checkpoint to resume; refuses to overwrite a run."""
         latest = self.run_dir / ckpt.CHECKPOINTS / "latest"
+        has_checkpoint = latest.exists() or latest.with_name("latest.old").exists()
         if resume:
+            if not has_checkpoint and (self.run_dir / "config.toml").is_file():
+                return False  # killed before its first checkpoint: start it again (see __init__)
             ckpt.resolve_checkpoint(self.run_dir, "latest")  # clear error when there is none
-        elif latest.exists() or latest.with_name("latest.old").exists():
+        elif has_checkpoint:
             raise GptforgeError(f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir}, "
                                 "or pick another --out")
         elif (self.run_dir / "config.toml").exists():
-            raise GptforgeError(f"{self.run_dir} holds a run that saved no checkpoint; delete it or pick another --out")
+            raise GptforgeError(f"{self.run_dir} holds a run that saved no checkpoint yet; start it again with "
+                                f"--resume {self.run_dir}, or pick another --out")
+        return has_checkpoint
 
     def _prepare_data(self, resume: bool):
         from gptforge.data.tokens import prepare
@@ -493,6 +527,68 @@ class Trainer:
         latest = ckpt.resolve_checkpoint(self.run_dir, "latest")
         ckpt.load_weights(self.raw_model, latest, self.rt.device)
         self.load_state_dict(ckpt.load_state(latest, map_location=self.rt.device))
+
+
+# --------------------------------------------------------------------------------------------- run set-up
+
+DATA_IDENTITY = "data.json"
+
+
+def _frozen(config: Config) -> Config:
+    """A fresh run's config with what must not change on resume written out: the schedule's length
+    (resuming with a larger train.max_steps continues the same schedule instead of reshaping it) and
+    the corpus paths made absolute (so they mean the same files from any working directory)."""
+    config = copy.deepcopy(config)
+    if config.optim.decay_steps is None and config.optim.schedule == "cosine":
+        config.optim.decay_steps = config.decay_steps()
+    corpus = config.data.corpus
+    specs = [corpus] if isinstance(corpus, str) else list(corpus)
+    specs = [str(Path(c).expanduser().resolve()) if c != "-" and Path(c).expanduser().exists() else c
+             for c in specs]
+    config.data.corpus = specs[0] if isinstance(corpus, str) else specs
+    return config
+
+
+def _dir_sha256(directory: Path) -> str:
+    """sha256 over a directory's files (names and contents, sorted): a saved tokenizer's identity."""
+    h = hashlib.sha256()
+    for p in sorted(Path(directory).rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(directory).as_posix().encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+def save_data_identity(run_dir: Path, data: Any) -> None:
+    """RUN/data.json: the sha256 of the corpus text and of the run's tokenizer, and the split sizes, so
+    that resuming or evaluating on other data is refused instead of silently training on it."""
+    m = data.meta
+    identity = {"corpus_sha256": m["source_sha256"], "tokenizer_sha256": _dir_sha256(run_dir / "tokenizer"),
+                "tokenizer": m["tokenizer"], "sources": m.get("sources"), "train_tokens": m["train_tokens"],
+                "val_tokens": m["val_tokens"]}
+    ckpt.atomic_write_text(run_dir / DATA_IDENTITY, json.dumps(identity, indent=2) + "\n")
+
+
+def check_data_identity(run_dir: Path, data: Any) -> None:
+    """Raise GptforgeError when the corpus or tokenizer differs from the one the run recorded. Runs from
+    before data.json existed are not checked."""
+    path = Path(run_dir) / DATA_IDENTITY
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise GptforgeError(f"{path} is damaged; it records which data {run_dir} was trained on") from None
+    way_out = (f"restore that data, or continue on the new text in a new run: gptforge train --init {run_dir} "
+               "--out NEW_RUN ...")
+    now = data.meta["source_sha256"]
+    if recorded.get("corpus_sha256") != now:
+        raise GptforgeError(f"the corpus of {run_dir} changed: sha256 {str(recorded.get('corpus_sha256'))[:16]} when "
+                            f"it was trained, {now[:16]} now ({', '.join(data.meta.get('sources') or [])}); "
+                            + way_out)
+    tok_now = _dir_sha256(Path(run_dir) / "tokenizer")
+    if recorded.get("tokenizer_sha256") != tok_now:
+        raise GptforgeError(f"the tokenizer of {run_dir} changed: sha256 {str(recorded.get('tokenizer_sha256'))[:16]} "
+                            f"when it was trained, {tok_now[:16]} now ({Path(run_dir) / 'tokenizer'}); " + way_out)
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -559,6 +655,7 @@ def evaluate_run(run: str | Path, split: str = "val", which: str = "latest", dev
     d = config.data
     data = prepare(d.corpus, tokenizer=tokenizer, val_fraction=d.val_fraction,
                    bpe_vocab_size=d.bpe_vocab_size if d.tokenizer == "bpe" else None)
+    check_data_identity(run_dir, data)
     tokens = data.train if split == "train" else data.val
     if tokens is None:
         raise GptforgeError(f"{run_dir} was trained without a validation split (data.val_fraction = 0); "
