@@ -329,3 +329,18 @@ def test_the_final_line_pairs_like_with_like(tiny_config, tmp_path, tiny_corpus,
     assert last.startswith("stopped by max_steps at step 3 ")
     assert (f"train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f} at the last evaluation (eval mode, float32); "
             f"last update's loss {tr['loss']:.4f} (dropout on)") in last
+
+
+@pytest.mark.parametrize("cpu_bf16, expected", [("1", "bfloat16"), ("0", "float32")])
+def test_dtype_auto_on_the_cpu_follows_its_bf16_units(tiny_config, tmp_path, read_metrics, monkeypatch,
+                                                      cpu_bf16, expected):
+    """`auto` trains in bf16 on a CPU with bf16 matmul units and in float32 on one without; both paths are
+    forced here so that either kind of CPU runs both."""
+    from gptforge.train.runtime import CPU_BF16_ENV
+
+    monkeypatch.setenv(CPU_BF16_ENV, cpu_bf16)
+    run = tmp_path / "run"
+    result = train(tiny_config("train.dtype=auto", "train.max_steps=3"), run)
+    started = read_metrics(run, "event")[0]
+    assert started["dtype"] == expected and started["mfu_basis"] == "vs measured GEMM"
+    assert math.isfinite(result.train_loss) and math.isfinite(result.val_loss)
