@@ -146,7 +146,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path
 
     def step_nan_at_5(self):
         loss, grad_norm, lr = real_step(self)
-        return (float("nan") if self.step == 4 else loss), grad_norm, lr
+        return (torch.full_like(loss, float("nan")) if self.step == 4 else loss), grad_norm, lr
 
     monkeypatch.setattr(Trainer, "train_step", step_nan_at_5)
     with pytest.raises(GptforgeError, match=r"became nan at step 5.*step 4"):
@@ -344,3 +344,76 @@ def test_dtype_auto_on_the_cpu_follows_its_bf16_units(tiny_config, tmp_path, rea
     started = read_metrics(run, "event")[0]
     assert started["dtype"] == expected and started["mfu_basis"] == "vs measured GEMM"
     assert math.isfinite(result.train_loss) and math.isfinite(result.val_loss)
+
+
+def test_steps_between_log_steps_never_read_back_to_the_host(tiny_config, tmp_path, monkeypatch):
+    """The device is never made to wait inside an update: train_step and the non-finite watch read
+    nothing back (no .item(), float(), bool(), .tolist()); the host reads only at log, eval,
+    checkpoint and last steps."""
+    reads_forbidden = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def guarded(self, *a, _real=real, _name=name, **k):
+            if reads_forbidden:
+                raise AssertionError(f"Tensor.{_name} read back inside {reads_forbidden[-1]}")
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, guarded)
+
+    def no_reads(method):
+        real = getattr(Trainer, method)
+
+        def wrapped(self, *a, **k):
+            reads_forbidden.append(method)
+            try:
+                return real(self, *a, **k)
+            finally:
+                reads_forbidden.pop()
+
+        monkeypatch.setattr(Trainer, method, wrapped)
+
+    no_reads("train_step")
+    no_reads("_watch_finite")
+    synced = []
+    real_read_back = Trainer._read_back
+
+    def read_back(self, *a, **k):
+        synced.append(self.step)
+        return real_read_back(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "_read_back", read_back)
+    train(tiny_config("train.max_steps=12", "train.log_every=5", "train.eval_every=6", "train.checkpoint_every=100",
+                      "train.grad_accum_steps=2"), tmp_path / "run")
+    assert synced == [1, 5, 6, 10, 12]
+
+
+def test_a_non_finite_update_is_skipped_on_the_device_and_reported_at_the_next_log_step(tiny_config, tmp_path,
+                                                                                         monkeypatch):
+    """Between log steps the check stays on the device: the bad update is not applied, the run goes on
+    to the next log step, then stops naming the step where it happened."""
+    real_clip = torch.nn.utils.clip_grad_norm_
+    calls = []
+
+    def clip_inf_at_3(params, max_norm):
+        calls.append(1)
+        norm = real_clip(params, max_norm)
+        return torch.full_like(norm, float("inf")) if len(calls) == 3 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_inf_at_3)
+    trainer = Trainer(tiny_config("train.max_steps=20", "train.log_every=8", "train.checkpoint_every=100"),
+                      tmp_path / "run")
+    weights = {}
+    real_step_unless = Trainer._step_unless
+
+    def step_unless(self, bad):
+        before = {k: v.clone() for k, v in self.raw_model.state_dict().items()}
+        real_step_unless(self, bad)
+        weights[self.step + 1] = all(torch.equal(before[k], v) for k, v in self.raw_model.state_dict().items())
+
+    monkeypatch.setattr(Trainer, "_step_unless", step_unless)
+    with pytest.raises(GptforgeError, match=r"gradient norm became inf at step 3 \(that update was not applied\)"):
+        trainer.train()
+    assert trainer.step == 8  # found at the next log step
+    assert weights[3] and not any(weights[s] for s in (1, 2, 4, 5, 6, 7, 8))  # only update 3 left them alone
+    assert all(torch.isfinite(p).all() for p in trainer.raw_model.parameters())
