@@ -417,3 +417,24 @@ def test_a_non_finite_update_is_skipped_on_the_device_and_reported_at_the_next_l
     assert trainer.step == 8  # found at the next log step
     assert weights[3] and not any(weights[s] for s in (1, 2, 4, 5, 6, 7, 8))  # only update 3 left them alone
     assert all(torch.isfinite(p).all() for p in trainer.raw_model.parameters())
+
+
+@pytest.mark.slow
+def test_compile_warm_up_is_reported_apart(tiny_config, tmp_path, read_metrics):
+    """train.compile on the CPU (inductor): the first update compiles; its seconds are an event of
+    their own and neither its tokens/s nor its MFU is logged; losses match eager, weights save plain."""
+    from safetensors import safe_open
+
+    common = ("train.max_steps=3", "model.n_layer=1")
+    train(tiny_config(*common, "train.compile=true"), tmp_path / "compiled")
+    train(tiny_config(*common), tmp_path / "eager")
+    events = read_metrics(tmp_path / "compiled", "event")
+    compiled = [e for e in events if e["event"] == "compiled"]
+    assert len(compiled) == 1 and compiled[0]["step"] == 1 and compiled[0]["seconds"] > 0
+    records = read_metrics(tmp_path / "compiled", "train")
+    assert "tokens_per_s" not in records[0] and "mfu" not in records[0]
+    assert all("tokens_per_s" in r and "mfu" in r for r in records[1:])
+    eager = read_metrics(tmp_path / "eager", "train")
+    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in eager], abs=1e-4)
+    with safe_open(tmp_path / "compiled" / "checkpoints" / "latest" / "model.safetensors", "pt") as f:
+        assert not any("_orig_mod" in k for k in f.keys())
