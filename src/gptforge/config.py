@@ -131,9 +131,11 @@ class OptimConfig:
     warmup_steps: int = 100
     """Optimizer updates of linear warm-up from 0 to lr."""
     schedule: str = "cosine"
-    """"cosine" (warm-up, then cosine decay to min_lr) or "constant" (warm-up, then lr)."""
+    """"cosine" (warm-up, cosine decay to min_lr), "wsd" (warm-up, lr, then a linear cool-down to min_lr) or "constant"."""
+    cooldown_fraction: float = 0.2
+    """"wsd": the last fraction of the schedule spent decaying linearly from lr to min_lr, in (0, 1]."""
     decay_steps: int | None = None
-    """Length of the schedule in updates (default: train.max_steps, else derived from train.max_tokens)."""
+    """Length of the schedule in updates (default: train.max_steps, else from train.max_tokens, else sized to fit train.max_time)."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay, applied to matrices (>= 2-D parameters) only."""
     beta1: float = 0.9
@@ -148,7 +150,9 @@ class OptimConfig:
     """Use the fused AdamW kernel where the device supports it."""
 
     def validate(self) -> None:
-        _choice("optim.schedule", self.schedule, ("cosine", "constant"))
+        _choice("optim.schedule", self.schedule, ("cosine", "wsd", "constant"))
+        if not 0.0 < self.cooldown_fraction <= 1.0:
+            raise GptforgeError(f"optim.cooldown_fraction = {self.cooldown_fraction} is invalid; it must be in (0, 1]")
         for name in ("lr", "eps"):
             if not getattr(self, name) > 0:
                 raise GptforgeError(f"optim.{name} = {getattr(self, name)} is invalid; it must be > 0")
@@ -158,7 +162,7 @@ class OptimConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise GptforgeError(f"optim.{name} = {getattr(self, name)} is invalid; it must be in [0, 1)")
-        if self.schedule == "cosine" and self.min_lr > self.lr:
+        if self.schedule != "constant" and self.min_lr > self.lr:
             raise GptforgeError(f"optim.min_lr = {self.min_lr} is above optim.lr = {self.lr}; the schedule decays "
                                 "from lr down to min_lr, so set min_lr <= lr")
         if self.warmup_steps < 0:
@@ -256,9 +260,9 @@ class Config:
                                 "or train.stop_metric = 'train_full'")
         if not self.train.init:  # with init, the unset model fields come from the weights
             self.model.check_against_preset()
-        if self.optim.schedule == "cosine" and self.decay_steps() is None:
-            raise GptforgeError("optim.schedule = 'cosine' needs a length: set optim.decay_steps, train.max_steps "
-                                "or train.max_tokens (or use optim.schedule = 'constant')")
+        if self.optim.schedule != "constant" and self.decay_steps() is None and self.train.max_time is None:
+            raise GptforgeError(f"optim.schedule = {self.optim.schedule!r} needs a length: set optim.decay_steps, "
+                                "train.max_steps, train.max_tokens or train.max_time (or use optim.schedule = 'constant')")
         self.grad_accum_steps()  # divisibility of tokens_per_update, for this process's world size
 
     # ---- derived values
@@ -298,8 +302,14 @@ class Config:
             return self.train.tokens_per_update
         return self.train.batch_size * block * world * self.grad_accum_steps(world)
 
+    def sized_by_time(self) -> bool:
+        """Whether the schedule's length comes from train.max_time: the run measures its speed and sizes
+        the schedule to end with the budget (see the trainer), as nothing else gives a length."""
+        return self.optim.schedule != "constant" and self.decay_steps() is None and self.train.max_time is not None
+
     def decay_steps(self, world_size: int | None = None) -> int | None:
-        """Length of the LR schedule in updates: optim.decay_steps, train.max_steps, or from max_tokens."""
+        """Length of the LR schedule in updates: optim.decay_steps, train.max_steps, or from max_tokens
+        (None when only train.max_time bounds the run: the trainer sizes it then)."""
         if self.optim.decay_steps is not None:
             return self.optim.decay_steps
         if self.train.max_steps is not None:

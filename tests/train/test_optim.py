@@ -52,3 +52,16 @@ def test_constant_schedule():
     assert [lr_at(s, cfg, None) for s in range(6)] == [0.125, 0.25, 0.375, 0.5, 0.5, 0.5]
     cos = OptimConfig(lr=2.0, min_lr=0.2, warmup_steps=0)
     assert lr_at(3, cos, 10) == pytest.approx(0.2 + 0.9 * (1 + math.cos(math.pi * 0.3)))
+
+
+def test_wsd_is_a_trapezoid_that_ends_at_the_floor():
+    from gptforge.config import OptimConfig
+    from gptforge.train.optim import lr_at
+
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, schedule="wsd", cooldown_fraction=0.2)
+    lrs = [lr_at(s, cfg, 100) for s in range(100)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # warm-up
+    assert lrs[10:80] == [1.0] * 70  # stable
+    assert lrs[80:] == pytest.approx([1.0 - 0.9 * (s - 79) / 20 for s in range(80, 100)])  # linear cool-down
+    assert lrs[-1] == pytest.approx(0.1) and lr_at(100, cfg, 100) == 0.1
+    assert lr_at(50, cfg, None) == 1.0  # not sized yet (a time budget): hold the peak

@@ -438,3 +438,39 @@ def test_compile_warm_up_is_reported_apart(tiny_config, tmp_path, read_metrics):
     assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in eager], abs=1e-4)
     with safe_open(tmp_path / "compiled" / "checkpoints" / "latest" / "model.safetensors", "pt") as f:
         assert not any("_orig_mod" in k for k in f.keys())
+
+
+def test_a_time_budget_sizes_the_schedule_and_resume_keeps_it(tiny_config, tmp_path, read_metrics):
+    """train.max_time alone: the run measures its speed, sizes a warmup-stable-decay schedule to end with
+    the budget, freezes it into RUN/config.toml, and a resume continues that schedule exactly: the same
+    losses as a run given the frozen length from the start, the LR at its floor on the last update."""
+    from gptforge.train.optim import lr_at
+
+    budget = ("train.max_steps=none", "train.max_time=4", "optim.schedule=wsd", "optim.warmup_steps=5",
+              "train.eval_every=100000", "train.checkpoint_every=100000", "optim.min_lr=3e-4")
+
+    def ctrl_c_after_sizing(step, record):
+        # The evaluation timed for the sizing is the first one: Ctrl-C then stops the run at the next step.
+        os.kill(os.getpid(), signal.SIGINT)
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(*budget), run, eval_hook=ctrl_c_after_sizing)
+    sized = next(e for e in read_metrics(run, "event") if e["event"] == "schedule_sized")
+    frozen = resume_config(run)
+    total = sized["updates"]
+    assert frozen.optim.decay_steps == frozen.train.max_steps == total > sized["step"] >= 4
+    assert sized["update_s"] > 0 and sized["budget_s"] == 4
+
+    result = train(resume_config(run), run, resume=True)
+    assert result.step == total and result.stopped_by == "max_steps"
+    records = read_metrics(run, "train")
+    assert [r["step"] for r in records] == list(range(1, total + 1))
+    assert records[-1]["lr"] == pytest.approx(3e-4)  # at the floor on the last update
+    assert all(r["lr"] == pytest.approx(lr_at(r["step"] - 1, frozen.optim, total)) for r in records)
+
+    # The same run told its length up front (no budget, no interruption) computes the same updates.
+    fixed = [f"train.max_steps={total}", f"optim.decay_steps={total}", "optim.schedule=wsd",
+             "optim.warmup_steps=5", "train.eval_every=100000", "train.checkpoint_every=100000", "optim.min_lr=3e-4"]
+    train(tiny_config(*fixed), tmp_path / "fixed")
+    assert [r["loss"] for r in records] == [r["loss"] for r in read_metrics(tmp_path / "fixed", "train")]

@@ -180,6 +180,13 @@ class MetricsLogger:
         if self.enabled:
             self._console(msg)
 
+    def set_total_steps(self, total: int) -> None:
+        """The run's length became known (a schedule sized to a time budget): for the ETA and the bar."""
+        self.total_steps = total
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

@@ -48,14 +48,26 @@ def configure_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int | None) -> float:
-    """Learning rate for optimizer update `step` (0-based): linear warm-up from lr/warmup to lr over
-    warmup_steps, then cosine decay to min_lr at total_steps (held there after), or constant."""
+    """Learning rate for optimizer update `step` (0-based). Every schedule warms up linearly from
+    lr/warmup to lr over warmup_steps; then
+    - "cosine": cosine decay to min_lr at total_steps (held there after);
+    - "wsd" (warmup-stable-decay, a trapezoid): lr until the last `cooldown_fraction` of total_steps,
+      then a straight line down to min_lr, reached exactly on the last update (total_steps - 1);
+    - "constant": lr.
+    With total_steps None (a time budget not yet sized) every schedule holds lr after the warm-up."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant" or total_steps is None:
         return cfg.lr
     if step >= total_steps:
         return cfg.min_lr
+    if cfg.schedule == "wsd":
+        cooldown = max(1, round(cfg.cooldown_fraction * total_steps))
+        decay_start = max(cfg.warmup_steps, total_steps - cooldown)
+        if step < decay_start:
+            return cfg.lr
+        done = (step - decay_start + 1) / (total_steps - decay_start)  # (0, 1], 1 on the last update
+        return cfg.lr + done * (cfg.min_lr - cfg.lr)
     span = max(1, total_steps - cfg.warmup_steps)
     progress = (step - cfg.warmup_steps) / span
     coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0

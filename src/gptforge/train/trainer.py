@@ -163,6 +163,11 @@ class Trainer:
         self._time_up = False
         self._stop_event: dict[str, Any] | None = None
         self._flops_per_token, self._peak_flops = 0.0, None
+        # train.max_time alone: the schedule's length is measured, not given (see _size_schedule).
+        self._sizing = config.sized_by_time()
+        self._size_from: tuple[int, float] | None = None  # (step, elapsed) where the speed is measured from
+        self._clock_start = 0.0  # perf_counter() at which self.elapsed_start was the elapsed time
+        self._last_eval_s = self._last_checkpoint_s = 0.0  # how long the last evaluation / save took
 
         if resume:
             self._load_latest()
@@ -206,7 +211,7 @@ class Trainer:
         self._log_start()
         stop = _StopRequest()
         stop.install()
-        start, self.elapsed_start = time.perf_counter(), self.elapsed
+        self._clock_start, self.elapsed_start = time.perf_counter(), self.elapsed
         # Before the first step all ranks hold the same (saved) elapsed time.
         self._time_up = t.max_time is not None and self.elapsed >= t.max_time
         stopped_by, last = None, None
@@ -226,12 +231,13 @@ class Trainer:
                     # of tokens/s, MFU and max_time.
                     self._synchronize()
                     self.compile_s = time.perf_counter() - step_start
-                    start += self.compile_s
+                    self._clock_start += self.compile_s
                     self._interval = (time.perf_counter(), self.tokens)
                     self.log.event("compiled", step=self.step, seconds=round(self.compile_s, 3))
-                self.elapsed = self.elapsed_start + time.perf_counter() - start
+                self._tick()
                 time_up = t.max_time is not None and self.elapsed >= t.max_time
-                if not self._is_sync_step(stop.requested or time_up):
+                size_now = self._sizing_due()
+                if not (self._is_sync_step(stop.requested or time_up) or size_now):
                     continue
                 loss, grad_norm, interrupted = self._read_back(loss, grad_norm, stop.requested, time_up)
                 self.last_train_loss = loss
@@ -247,6 +253,10 @@ class Trainer:
                     self.save_checkpoint()
                     self.log.event("stopped", reason="interrupted", value=self.step, step=self.step)
                     raise KeyboardInterrupt
+                if self._size_from is None:
+                    self._size_from = (self.step, self.elapsed)
+                elif size_now and not stopped_by:
+                    stopped_by = self._size_schedule()
                 if stopped_by:
                     break
             if last is not None and self._last_logged_step != self.step:
@@ -369,6 +379,7 @@ class Trainer:
     def save_checkpoint(self, keep_step_copy: bool = False, collective: bool = True) -> None:
         """checkpoints/latest (atomically), plus a step-NNNNNNN copy and pruning when asked.
         Collective under DDP (every rank takes part) unless collective=False (rank 0 alone)."""
+        clock = time.perf_counter()
         state = self.state_dict(collective)
         if self.rt.is_main and self.last_saved_step != self.step:
             latest = self.run_dir / ckpt.CHECKPOINTS / "latest"
@@ -380,13 +391,16 @@ class Trainer:
             ckpt.prune_step_checkpoints(self.run_dir, self.config.train.keep_last)
         if collective:
             self.rt.barrier()
+        self._last_checkpoint_s = time.perf_counter() - clock
         self._interval = (time.perf_counter(), self.tokens)
 
     # ------------------------------------------------------------------------------------ helpers
 
     def _evaluate_and_maybe_stop(self, final: bool = False) -> str | None:
         t = self.config.train
+        clock = time.perf_counter()
         record = self.evaluate()
+        self._last_eval_s = time.perf_counter() - clock
         self.last_eval_step = self.step
         self.last_val_loss = record.get("val_loss", self.last_val_loss)
         self.last_eval_train_loss = record.get("train_loss", self.last_eval_train_loss)
@@ -508,6 +522,51 @@ class Trainer:
             what = "training loss" if int(self._bad_what) == 0 else "gradient norm"
             self._stop_on_nan(what, float(self._bad_value), step)
         return mean_loss, float(grad_norm), interrupted
+
+    def _tick(self) -> None:
+        """self.elapsed: training seconds so far (evaluations and checkpoints included, the compile
+        step not), summed over resumed runs."""
+        self.elapsed = self.elapsed_start + time.perf_counter() - self._clock_start
+
+    def _sizing_due(self) -> bool:
+        """Time to size a max_time schedule: a few updates measured over ~3% of the budget (>= 1 s)."""
+        if not self._sizing or self._size_from is None:
+            return False
+        step0, elapsed0 = self._size_from
+        window = max(1.0, 0.03 * self.config.train.max_time)  # type: ignore[operator]
+        return self.step - step0 >= 3 and self.elapsed - elapsed0 >= window
+
+    def _size_schedule(self) -> str | None:
+        """Fit the schedule to train.max_time: from the measured seconds per update, plus one evaluation
+        and one checkpoint timed now (standing for those to come and the final ones), the number of
+        updates that end with the budget. It is frozen into RUN/config.toml (optim.decay_steps and
+        train.max_steps) so a resume continues the same schedule. Returns a stop reason if the
+        evaluation made here reached train.stop_at_loss."""
+        t = self.config.train
+        step0, elapsed0 = self._size_from  # type: ignore[misc]
+        step_s = (self.elapsed - elapsed0) / (self.step - step0)
+        stopped_by = None
+        if self.last_eval_step != self.step:
+            stopped_by = self._evaluate_and_maybe_stop()
+        if self.last_saved_step != self.step:
+            self.save_checkpoint()
+        eval_s, checkpoint_s = self._last_eval_s, self._last_checkpoint_s
+        self._tick()
+        remaining = 0.98 * t.max_time - self.elapsed - eval_s - checkpoint_s  # type: ignore[operator]
+        per_update = step_s + eval_s / t.eval_every + checkpoint_s / t.checkpoint_every
+        total = self.step + max(1, math.floor(remaining / per_update))
+        if self.rt.distributed:  # rank 0's decision for every rank
+            total = int(self.rt.all_reduce_sum(torch.tensor(
+                [total if self.rt.is_main else 0], dtype=torch.float64, device=self.rt.device)).item())
+        self.total_steps = total
+        self.config.optim.decay_steps = self.config.train.max_steps = total
+        self._sizing = False
+        self.log.set_total_steps(total)
+        if self.rt.is_main:
+            self.config.save(self.run_dir / "config.toml")
+        self.log.event("schedule_sized", step=self.step, updates=total, budget_s=t.max_time,
+                       update_s=round(step_s, 4), eval_s=round(eval_s, 3), checkpoint_s=round(checkpoint_s, 3))
+        return stopped_by
 
     def _synchronize(self) -> None:
         if self.rt.device.type == "cuda":
