@@ -124,8 +124,16 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"
+    """"adamw" for every parameter, or "muon": torch.optim.Muon on the blocks' 2-D weights, AdamW on the rest."""
     lr: float = 6e-4
-    """Peak learning rate (reached at the end of warm-up)."""
+    """Peak learning rate (reached at the end of warm-up); with "muon", the AdamW part's."""
+    muon_lr: float = 0.02
+    """"muon": peak learning rate of the Muon part (the schedule scales it as it scales lr)."""
+    muon_momentum: float = 0.95
+    """"muon": Muon's (Nesterov) momentum."""
+    muon_weight_decay: float = 0.0
+    """"muon": decoupled weight decay of the Muon part."""
     min_lr: float = 6e-5
     """Floor of the cosine decay."""
     warmup_steps: int = 100
@@ -150,7 +158,14 @@ class OptimConfig:
     """Use the fused AdamW kernel where the device supports it."""
 
     def validate(self) -> None:
+        _choice("optim.name", self.name, ("adamw", "muon"))
         _choice("optim.schedule", self.schedule, ("cosine", "wsd", "constant"))
+        if not self.muon_lr > 0:
+            raise GptforgeError(f"optim.muon_lr = {self.muon_lr} is invalid; it must be > 0")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise GptforgeError(f"optim.muon_momentum = {self.muon_momentum} is invalid; it must be in [0, 1)")
+        if self.muon_weight_decay < 0:
+            raise GptforgeError(f"optim.muon_weight_decay = {self.muon_weight_decay} is invalid; it must be >= 0")
         if not 0.0 < self.cooldown_fraction <= 1.0:
             raise GptforgeError(f"optim.cooldown_fraction = {self.cooldown_fraction} is invalid; it must be in (0, 1]")
         for name in ("lr", "eps"):

@@ -11,8 +11,10 @@ import pytest
 from gptforge.train.trainer import train
 
 
-def test_two_processes_equal_one(tiny_config, tiny_corpus, tmp_path, read_metrics):
-    common = ["train.grad_accum_steps=2", "train.max_steps=4", "train.eval_every=2", "optim.warmup_steps=0"]
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_processes_equal_one(tiny_config, tiny_corpus, tmp_path, read_metrics, optimizer):
+    common = ["train.grad_accum_steps=2", "train.max_steps=4", "train.eval_every=2", "optim.warmup_steps=0",
+              f"optim.name={optimizer}"]
     # One process, batch 4 = two ranks x batch 2 (each draws its rows of the same global batch).
     train(tiny_config("train.batch_size=4", *common), tmp_path / "one")
 

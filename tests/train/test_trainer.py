@@ -474,3 +474,31 @@ def test_a_time_budget_sizes_the_schedule_and_resume_keeps_it(tiny_config, tmp_p
              "optim.warmup_steps=5", "train.eval_every=100000", "train.checkpoint_every=100000", "optim.min_lr=3e-4"]
     train(tiny_config(*fixed), tmp_path / "fixed")
     assert [r["loss"] for r in records] == [r["loss"] for r in read_metrics(tmp_path / "fixed", "train")]
+
+
+def test_muon_trains_checkpoints_and_resumes_exactly(tiny_config, tmp_path, read_metrics):
+    """optim.name = muon: PyTorch's Muon on the blocks' matrices, AdamW on the rest, each with its own
+    LR under one schedule; its state (both parts) is in the checkpoint, so resume is exact."""
+    from gptforge.train.optim import MuonAdamW, muon_params, set_lr
+
+    common = ("optim.name=muon", "optim.muon_lr=0.02", "model.dropout=0.1", "optim.decay_steps=30",
+              "train.eval_every=10")
+    result = train(tiny_config("train.max_steps=30", *common), tmp_path / "once")
+    losses = [r["loss"] for r in read_metrics(tmp_path / "once", "train")]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3 and math.isfinite(result.val_loss)
+
+    train(tiny_config("train.max_steps=12", *common), tmp_path / "twice")
+    state = ckpt.load_state(tmp_path / "twice" / "checkpoints" / "latest")
+    assert set(state["optimizer"]) == {"muon", "adamw"} and state["optimizer"]["muon"]["state"]
+    train(resume_config(tmp_path / "twice", ["train.max_steps=30"]), tmp_path / "twice", resume=True)
+    assert [r["loss"] for r in read_metrics(tmp_path / "twice", "train")] == losses
+
+    trainer = Trainer(tiny_config("train.max_steps=1", *common), tmp_path / "look")
+    opt = trainer.optimizer
+    assert isinstance(opt, MuonAdamW) and isinstance(opt.muon, torch.optim.Muon)
+    hidden = {id(p) for p in muon_params(trainer.raw_model)}
+    assert {id(p) for g in opt.muon.param_groups for p in g["params"]} == hidden
+    assert trainer.raw_model.transformer.wte.weight in [p for g in opt.adamw.param_groups for p in g["params"]]
+    set_lr(opt, 1.5e-3)  # half of optim.lr (3e-3): the schedule scales Muon's LR by the same factor
+    assert [g["lr"] for g in opt.muon.param_groups] == [pytest.approx(0.01)]
+    assert {g["lr"] for g in opt.adamw.param_groups} == {1.5e-3}

@@ -1,8 +1,12 @@
-"""AdamW with weight decay on matrices only, and the learning-rate schedule.
+"""The optimizers (AdamW, or Muon + AdamW) and the learning-rate schedule.
 
     opt = configure_optimizer(model, cfg.optim, device)
-    for g in opt.param_groups:
-        g["lr"] = lr_at(step, cfg.optim, total_steps)     # once per optimizer update
+    set_lr(opt, lr_at(step, cfg.optim, total_steps))     # once per optimizer update
+
+`optim.name = "muon"`: PyTorch's torch.optim.Muon (Newton-Schulz orthogonalised momentum) on the
+transformer blocks' 2-D weights, and AdamW on what Muon is not meant for: the token and position
+embeddings, the LM head, biases and LayerNorm gains. Each part has its own peak learning rate
+(`optim.muon_lr`, `optim.lr`); the schedule scales both by the same factor.
 
 Weight decay goes to every parameter with >= 2 dimensions: the linear layers' weights and, as in
 nanoGPT, the token and position embeddings (they are matrices too). Biases and LayerNorm gains
@@ -34,17 +38,77 @@ def fused_available(device: torch.device) -> bool:
     return device.type in ("cuda", "cpu", "mps")
 
 
-def configure_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over param_groups(), fused where the device supports it and cfg.fused is set."""
-    fused = cfg.fused and fused_available(device)
+def configure_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device):
+    """AdamW over param_groups() (fused where the device supports it and cfg.fused is set), or for
+    cfg.name == "muon" a MuonAdamW: Muon on the blocks' matrices, AdamW on the rest."""
+    if cfg.name == "muon":
+        hidden = muon_params(model)
+        ids = {id(p) for p in hidden}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+        muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                                weight_decay=cfg.muon_weight_decay)
+        for group in muon.param_groups:
+            group["lr_scale"] = cfg.muon_lr / cfg.lr
+        adamw = _adamw([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}], cfg, device)
+        return MuonAdamW(muon, adamw)
+    return _adamw(param_groups(model, cfg.weight_decay), cfg, device)
+
+
+def _adamw(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
-    groups = param_groups(model, cfg.weight_decay)
-    if fused:
+    if cfg.fused and fused_available(device):
         try:
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
+            return torch.optim.AdamW([dict(g) for g in groups], fused=True, **kwargs)
         except (RuntimeError, ValueError):  # e.g. a dtype or device this build's kernel does not cover
-            groups = param_groups(model, cfg.weight_decay)
+            pass
     return torch.optim.AdamW(groups, **kwargs)
+
+
+def muon_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The 2-D weights inside the transformer blocks (attention and MLP projections): Muon's part.
+    Embeddings and the LM head are matrices too, but look-up tables and the output layer are not
+    what Muon's orthogonalised updates are for."""
+    return [p for name, p in model.named_parameters()
+            if p.requires_grad and p.dim() == 2 and name.startswith("transformer.h.")]
+
+
+class MuonAdamW:
+    """Muon and AdamW stepped as one optimizer: what the trainer, GradScaler and checkpoints need of
+    torch.optim.Optimizer (param_groups, step, zero_grad, state_dict, load_state_dict)."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    @property
+    def state(self) -> dict:
+        return {**self.muon.state, **self.adamw.state}
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """The schedule's learning rate for this update: `lr` for AdamW's groups, `lr` times the group's
+    `lr_scale` (muon_lr / lr) for Muon's."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int | None) -> float:

@@ -38,7 +38,7 @@ import torch
 from gptforge.config import Config, load_config
 from gptforge.errors import GptforgeError
 from gptforge.train import checkpoint as ckpt
-from gptforge.train.optim import configure_optimizer, lr_at
+from gptforge.train.optim import configure_optimizer, lr_at, set_lr
 from gptforge.train.runtime import (
     Runtime,
     grad_scaler,
@@ -285,8 +285,7 @@ class Trainer:
         or gradient norm is not finite is skipped on the device: it never reaches the weights."""
         o = self.config.optim
         lr = lr_at(self.step, o, self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         self.model.train()
         loss_sum = torch.zeros((), device=self.rt.device, dtype=torch.float32)
         for micro in range(self.accum):
