@@ -23,7 +23,9 @@ is written with Hugging Face `tokenizers` alone, so exporting needs no `transfor
   text with a character outside its vocabulary: encoding raises instead of inventing an unknown id
   the model never saw.
 bpe and char runs have no end-of-text token, so their generation_config has no eos: generation
-runs for max_new_tokens (at most the context, n_positions).
+runs for max_new_tokens (at most the context, n_positions). One difference from gptforge stays, as
+on the Hub's gpt2: transformers reads a literal "<|endoftext|>" in the text as the special id,
+where gptforge encodes it as ordinary characters.
 """
 
 from __future__ import annotations
@@ -281,11 +283,18 @@ def _write_model(model: GPT, tok: Tokenizer, d: Path) -> None:
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
+    """Put the finished `tmp` at `out`; an existing `out` (--force) is set aside first and only
+    deleted once the new one is in place, or put back if that fails."""
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
