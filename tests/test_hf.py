@@ -238,9 +238,9 @@ def test_a_failed_export_leaves_nothing_half_written(runs, tmp_path, monkeypatch
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(hf, "write_tokenizer", disk_full)  # after the weights are written
-    with pytest.raises(OSError):
+    with pytest.raises(GptforgeError, match="No space left on device.*unchanged"):
         hf.export_run(runs["char"], out, force=True)
-    with pytest.raises(OSError):
+    with pytest.raises(GptforgeError, match="could not write .*new"):
         hf.export_run(runs["char"], tmp_path / "new")
     # The old OUT is untouched, the new one never appears, and no temporary directory is left.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -261,8 +261,12 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, which: st
         card = model_card(model, tok, info, run, ckpt, out.name, has_plot)
         (tmp / CARD).write_text(card, encoding="utf-8")
         _replace_dir(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a read-only directory: one line, nothing left behind
+            kept = "; it is unchanged" if out.exists() else ""
+            raise GptforgeError(f"could not write {out} ({e.strerror or type(e).__name__}){kept}; "
+                                "free some space or choose another OUT") from None
         raise
     return out
 
