@@ -125,7 +125,7 @@ def test_gpt2_tokenizer_files_are_gpt2s(exported):
     assert merges[0] == "#version: 0.2" and len(merges) == 50_001
     assert merges[1] == "Ġ t"  # GPT-2's first merge: " " + "t"
     vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
-    assert len(vocab) == 50_256 and vocab["Ġthe"] == 262 and vocab["!"] == 0
+    assert len(vocab) == 50_257 and vocab["Ġthe"] == 262 and vocab["!"] == 0 and vocab["<|endoftext|>"] == 50256
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok.bos_token == tok.eos_token == "<|endoftext|>" and tok.eos_token_id == 50256
     assert tok.model_max_length == 32
@@ -245,3 +245,20 @@ def test_a_failed_export_leaves_nothing_half_written(runs, tmp_path, monkeypatch
     # The old OUT is untouched, the new one never appears, and no temporary directory is left.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_tokenizers_gptforge_cannot_train_with_are_refused_in_one_line(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    from gptforge.hf import tokenizer_from_hf
+
+    assert tokenizer_from_hf(tmp_path) is None  # no tokenizer.json: GPT-2's is assumed, as before
+    Tokenizer(models.WordLevel(vocab={"b": 0, "a": 1}, unk_token="a")).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(GptforgeError, match="not a gptforge char vocabulary"):
+        tokenizer_from_hf(tmp_path)  # ids not in sorted character order
+    Tokenizer(models.Unigram([("a", -1.0), ("b", -2.0)], 0)).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(GptforgeError, match="Unigram tokenizer"):
+        tokenizer_from_hf(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(GptforgeError, match="not a readable Hugging Face tokenizer"):
+        tokenizer_from_hf(tmp_path)

@@ -102,12 +102,14 @@ def _gpt2_hf(tok: Tokenizer):
     from tokenizers import Tokenizer as HFTokenizer
 
     vocab, merges = gpt2_vocab_merges(tok.enc._mergeable_ranks)
+    eot = tok.enc.decode([tok.eot_id])
+    vocab[eot] = tok.eot_id  # in the vocabulary too, as in the Hub's gpt2 vocab.json (50,257 entries)
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     # ByteLevel's regex is GPT-2's pattern; so ids equal tiktoken's (checked on all of Tiny Shakespeare).
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.decoder = decoders.ByteLevel()
     hf.post_processor = processors.ByteLevel(trim_offsets=False)
-    hf.add_special_tokens([AddedToken(tok.enc.decode([tok.eot_id]), special=True, normalized=False)])
+    hf.add_special_tokens([AddedToken(eot, special=True, normalized=False)])
     return hf, vocab, merges
 
 
