@@ -24,6 +24,26 @@ UNICODE = ("Café naïve — «déjà vu» Ångström ñandú e\u0301\n東京タ
 PROMPT = "ROMEO:\nWhat"
 
 
+def _random_unicode(n: int, seed: int = 0) -> str:
+    """n characters drawn from many scripts, digits, punctuation, combining marks, emoji and
+    whitespace of every kind (a seeded, long stress text for the byte-level tokenizers)."""
+    import random
+
+    rng = random.Random(seed)
+    ranges = [(0x20, 0x7E), (0xA0, 0x17F), (0x300, 0x36F), (0x391, 0x3C9), (0x410, 0x44F), (0x5D0, 0x5EA),
+              (0x627, 0x64A), (0x905, 0x939), (0x3041, 0x3096), (0x4E00, 0x4FFF), (0xAC00, 0xAD00),
+              (0x1F300, 0x1F64F), (0x1D400, 0x1D433)]
+    spaces = [" ", " ", "  ", "\n", "\n\n", "\t", "\r\n", "\u00a0", "\u3000", "\u200d", "'s", "'ll", "123"]
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.25:
+            out.append(rng.choice(spaces))
+        else:
+            lo, hi = rng.choice(ranges)
+            out.append(chr(rng.randint(lo, hi)))
+    return "".join(out)
+
+
 def _train(run: Path, corpus: Path, tokenizer: str, *extra: str) -> Path:
     from gptforge.train.trainer import train
 
@@ -100,7 +120,9 @@ def test_autotokenizer_ids_equal_gptforge(spec, runs, exported, shakespeare_text
 
     ours = load_tokenizer(runs[spec] / "tokenizer")
     theirs = transformers.AutoTokenizer.from_pretrained(exported[spec])
-    for text in (UNICODE, shakespeare_text[20_000:40_000] if spec != "char" else shakespeare_text[:15_000]):
+    texts = [UNICODE, shakespeare_text[:15_000]] if spec == "char" else \
+        [UNICODE, _random_unicode(20_000), shakespeare_text[20_000:60_000]]
+    for text in texts:
         ids = theirs(text)["input_ids"]
         assert ids == ours.encode(text)
         assert theirs.decode(ids) == text
