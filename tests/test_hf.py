@@ -207,6 +207,24 @@ def test_init_from_an_export_equals_init_from_the_run(spec, runs, exported, corp
     assert again.spec == spec and again.encode(UNICODE) == original.encode(UNICODE)
 
 
+def test_a_bias_free_run_round_trips_with_bias_false(corpus, tmp_path):
+    from gptforge.cli import main
+    from gptforge.generate import load
+    from gptforge.hf import export_run
+
+    run = _train(tmp_path / "run", corpus, "char", "train.max_steps=5", "model.bias=false")
+    out = export_run(run, tmp_path / "hf")  # GPT-2's layout has biases: written as zeros
+    ours = load(run, device="cpu").generate(PROMPT, max_new_tokens=8, temperature=0)[0]
+    pipe = transformers.pipeline("text-generation", model=str(out), device="cpu")
+    assert pipe(PROMPT, max_new_tokens=8, do_sample=False)[0]["generated_text"] == PROMPT + ours
+    common = ["model.preset=tiny", "model.bias=false", f"data.corpus={corpus}", "data.tokenizer=char",
+              "train.max_steps=1", "train.batch_size=4", "train.dtype=float32", "train.device=cpu"]
+    main(["train", "--init", str(out), "--out", str(tmp_path / "from-export"), *common])
+    main(["train", "--init", str(run), "--out", str(tmp_path / "from-run"), *common])
+    assert _first_loss(tmp_path / "from-export") == pytest.approx(_first_loss(tmp_path / "from-run"), abs=1e-5)
+    assert load_config(tmp_path / "from-export" / "config.toml").model.bias is False
+
+
 def test_init_from_an_export_names_the_tokenizer_it_needs(exported, corpus):
     from gptforge.train.init import prepare_init
 

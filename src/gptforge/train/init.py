@@ -89,6 +89,11 @@ def load_init(spec: str) -> InitWeights:
     return InitWeights(str(spec), "huggingface", GPT.from_pretrained(str(spec)), None)
 
 
+def _biases_are_zero(model: GPT) -> bool:
+    """True when every bias is zero: the weights compute the same thing without them."""
+    return all(not p.any() for n, p in model.named_parameters() if n.endswith(".bias"))
+
+
 def prepare_init(config: Config) -> tuple[Config, InitWeights]:
     """Load `config.train.init` and return (a copy of `config` whose model fields describe those
     weights, the weights). Raises GptforgeError naming the fields that disagree."""
@@ -108,6 +113,8 @@ def prepare_init(config: Config) -> tuple[Config, InitWeights]:
             continue
         if name == "block_size" and want < have.block_size:
             continue  # cropped in load_into
+        if name == "bias" and want is False and _biases_are_zero(init.model):
+            continue  # a bias-free model in GPT-2's layout (an export): its zero biases are dropped
         differ.append(f"model.{name} = {want} (weights: {getattr(have, name)})")
     if differ:
         raise GptforgeError(f"the config's model differs from the train.init weights ({spec}): {', '.join(differ)}; "
