@@ -257,7 +257,13 @@ def test_export_refuses_a_non_empty_out_unless_forced(runs, tmp_path, capsys):
     main(["export", str(runs["char"]), str(out), "--force", "--checkpoint", "best"])
     assert not (out / "notes.txt").exists() and (out / "model.safetensors").is_file()
     assert "`best` of run" in (out / "README.md").read_text(encoding="utf-8")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left
+    # An existing empty OUT (perhaps the shell's working directory) stays the same directory.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    inode = empty.stat().st_ino
+    main(["export", str(runs["char"]), str(empty)])
+    assert empty.stat().st_ino == inode and (empty / "tokenizer.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out"]  # no temporary directory left
 
 
 def test_export_of_a_run_without_checkpoint_is_one_line(tmp_path, capsys):

@@ -237,7 +237,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, which: st
     no half-written OUT. Returns OUT."""
     from gptforge.train.checkpoint import load_model, resolve_checkpoint, run_dir_of
 
-    out = Path(out_dir)
+    out = Path(os.path.abspath(Path(out_dir).expanduser()))  # "." has no name to put a temp dir beside
     run = Path(run_dir)
     if out.exists() or out.is_symlink():
         if not out.is_dir() or out.is_symlink():
@@ -250,10 +250,10 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, which: st
     model, tok, info = load_model(ckpt, device="cpu")
     run = run_dir_of(ckpt)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         _write_model(model, tok, tmp)
         write_tokenizer(tok, tmp, model_max_length=model.config.block_size)
@@ -291,6 +291,20 @@ def _write_model(model: GPT, tok: Tokenizer, d: Path) -> None:
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Put the finished `tmp` at `out`; an existing `out` (--force) is set aside first and only
     deleted once the new one is in place, or put back if that fails."""
+    if out.is_dir() and not any(out.iterdir()):
+        # An empty OUT stays the same directory (it may be the shell's working directory): the
+        # files (all plain) move in, and back out if a move fails.
+        moved = []
+        try:
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, out / f.name)
+                moved.append(f.name)
+        except BaseException:
+            for name in moved:
+                os.replace(out / name, tmp / name)
+            raise
+        tmp.rmdir()
+        return
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
