@@ -135,13 +135,12 @@ def write_tokenizer(tok: Tokenizer, directory: str | os.PathLike, model_max_leng
         "model_max_length": model_max_length,
         # transformers' clean-up would delete spaces before punctuation: decode must stay lossless.
         "clean_up_tokenization_spaces": False,
-        "add_prefix_space": False,
     }
     if tok.spec == "gpt2":
         hf, vocab, merges = _gpt2_hf(tok)
         eot = tok.enc.decode([tok.eot_id])
         config.update(tokenizer_class="GPT2Tokenizer", bos_token=eot, eos_token=eot, unk_token=eot,
-                      add_bos_token=False, errors="replace")
+                      add_bos_token=False, add_prefix_space=False, errors="replace")
         # The slow tokenizer's files too, as the Hub's gpt2 has them (older transformers, other tools).
         (d / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
         (d / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
