@@ -7,7 +7,8 @@
     tok.save("runs/x/tokenizer"); tok = load_tokenizer("runs/x/tokenizer")
 
 Every tokenizer is lossless: decode(encode(text)) == text for any text it accepts (gpt2 and bpe are
-byte-level, so that is any text at all). A saved tokenizer is a directory of JSON files, never a pickle.
+byte-level, so that is any text at all). A saved tokenizer is a directory of JSON files (for gpt2 also
+GPT-2's ranks, gpt2.tiktoken, in tiktoken's text format), never a pickle.
 """
 
 from __future__ import annotations
