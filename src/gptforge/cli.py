@@ -291,6 +291,36 @@ def _run_serve(args: argparse.Namespace) -> None:
           which=args.checkpoint, device=args.device)
 
 
+# --------------------------------------------------------------------------------------------- export
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a run as a Hugging Face model directory (transformers loads it as it is)",
+        description="Write config.json, model.safetensors, generation_config.json, the tokenizer (tokenizer.json, "
+        "tokenizer_config.json; for gpt2 also vocab.json and merges.txt), a README.md model card and loss.png into "
+        "OUT. transformers' pipeline, AutoTokenizer and AutoModelForCausalLM load it; `hf upload` publishes it.",
+        epilog="examples:\n  gptforge export runs/char hf/char\n  gptforge export runs/gpt2 hf/gpt2 --checkpoint best\n"
+        "  hf upload YOUR_NAME/char-shakespeare hf/char",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run", metavar="RUN", help="run directory, or a checkpoint directory inside one")
+    p.add_argument("out", metavar="OUT", help="new or empty directory to write")
+    p.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
+                   help="which checkpoint of RUN (default latest)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from gptforge.hf import export_run
+
+    out = export_run(args.run, args.out, which=args.checkpoint, force=args.force)
+    print(f"wrote {out}: load it with transformers (pipeline('text-generation', model='{out}')), "
+          f"publish it with `hf upload NAME {out}`")
+
+
 # --------------------------------------------------------------------------------------------- export-space
 
 
@@ -385,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gptforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_prepare, _add_train, _add_eval, _add_plot, _add_generate, _add_serve,
-                _add_export_space, _add_sweep):
+                _add_export, _add_export_space, _add_sweep):
         add(sub)
     return parser
 

@@ -133,9 +133,10 @@ def test_save_load_round_trip(tmp_path, gpt2, bpe, shakespeare_text):
     for tok in (gpt2, char, bpe):
         d = tmp_path / tok.spec
         tok.save(d)
-        # JSON only: every saved file parses as JSON (no pickles).
+        # JSON only (no pickles), but for gpt2's ranks in tiktoken's own text format.
         for f in d.iterdir():
-            json.loads(f.read_text(encoding="utf-8"))
+            if f.name != "gpt2.tiktoken":
+                json.loads(f.read_text(encoding="utf-8"))
         loaded = load_tokenizer(d)
         assert type(loaded) is type(tok)
         assert (loaded.spec, loaded.vocab_size, loaded.eot_id) == (tok.spec, tok.vocab_size, tok.eot_id)
@@ -165,3 +166,34 @@ def test_gpt2_offline_without_data_dir_is_a_one_line_error(tmp_path, monkeypatch
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(GptforgeError, match="cannot load GPT-2's BPE.*r50k_base.tiktoken.*GPTFORGE_DATA_DIR"):
         build_tokenizer("gpt2")
+
+
+def test_a_saved_gpt2_tokenizer_carries_its_ranks_and_loads_offline(tmp_path, monkeypatch, gpt2, data_dir):
+    import tiktoken
+
+    gpt2.save(tmp_path / "tok")
+    ranks = (tmp_path / "tok" / "gpt2.tiktoken").read_bytes()
+    assert ranks == (data_dir / "gpt2" / "gpt2.tiktoken").read_bytes()  # byte for byte r50k_base.tiktoken
+
+    def offline(name):
+        raise ConnectionError("no network")
+
+    # No data directory, no download: the saved copy is all there is.
+    monkeypatch.delenv("GPTFORGE_DATA_DIR")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(GptforgeError, match="cannot load GPT-2's BPE"):
+        build_tokenizer("gpt2")
+    loaded = load_tokenizer(tmp_path / "tok")
+    text = "Café 東京 🙂 <|endoftext|>\r\n  ROMEO:"
+    assert loaded.encode(text) == gpt2.encode(text) and loaded.eot_id == 50256
+
+    # A run saved before the ranks were bundled still loads from the data directory, as it did.
+    monkeypatch.setenv("GPTFORGE_DATA_DIR", str(data_dir))
+    (tmp_path / "tok" / "gpt2.tiktoken").unlink()
+    assert load_tokenizer(tmp_path / "tok").encode(text) == gpt2.encode(text)
+
+    # A damaged copy is refused in one line, never used.
+    gpt2.save(tmp_path / "damaged")
+    (tmp_path / "damaged" / "gpt2.tiktoken").write_bytes(ranks[:-100])
+    with pytest.raises(GptforgeError, match="not GPT-2's BPE ranks file"):
+        load_tokenizer(tmp_path / "damaged")

@@ -7,12 +7,15 @@
     tok.save("runs/x/tokenizer"); tok = load_tokenizer("runs/x/tokenizer")
 
 Every tokenizer is lossless: decode(encode(text)) == text for any text it accepts (gpt2 and bpe are
-byte-level, so that is any text at all). A saved tokenizer is a directory of JSON files, never a pickle.
+byte-level, so that is any text at all). A saved tokenizer is a directory of JSON files (for gpt2 also
+GPT-2's ranks, gpt2.tiktoken, in tiktoken's text format), never a pickle.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import json
 import os
 import re
@@ -32,6 +35,8 @@ BPE_VOCAB_DEFAULT = 4096
 # GPT-2's pre-tokenizer pattern (as tiktoken writes it): BPE merges never cross these pieces.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_EOT = "<|endoftext|>"
+GPT2_RANKS_FILE = "gpt2.tiktoken"  # a saved gpt2 tokenizer's own copy of the ranks
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # r50k_base, as tiktoken checks
 
 # A lone newline between two non-space characters is a piece of its own under GPT-2's pattern, so
 # cutting the text just after it changes no piece and no token: chunks can be encoded in parallel.
@@ -121,15 +126,31 @@ def _gpt2_encoding():
     return _gpt2_encoding_from(str(path) if path is not None and path.is_file() else None)
 
 
+def _read_gpt2_ranks(path: str) -> dict[bytes, int]:
+    """GPT-2's ranks from a .tiktoken file (base64 token, space, rank per line), checked by sha256.
+    Read here rather than with tiktoken.load, which copies every local file it reads into a temp cache."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise GptforgeError(f"cannot read GPT-2's BPE ranks {path} ({type(e).__name__})") from None
+    if hashlib.sha256(raw).hexdigest() != GPT2_RANKS_SHA256:
+        raise GptforgeError(f"{path} is not GPT-2's BPE ranks file (its sha256 differs); replace it with "
+                            "r50k_base.tiktoken or delete it")
+    ranks = {}
+    for line in raw.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
 @functools.lru_cache(maxsize=4)
 def _gpt2_encoding_from(path: str | None):
     # Cached: parsing the 50k merge ranks takes ~0.25 s and the encoding is immutable.
     import tiktoken
-    import tiktoken.load
 
     if path is not None:
-        return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN,
-                                 mergeable_ranks=tiktoken.load.load_tiktoken_bpe(path),
+        return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=_read_gpt2_ranks(path),
                                  special_tokens={GPT2_EOT: 50256})
     try:
         return tiktoken.get_encoding("gpt2")
@@ -143,12 +164,15 @@ def _gpt2_encoding_from(path: str | None):
 
 class GPT2Tokenizer(Tokenizer):
     """GPT-2's byte-level BPE (50,257 ids; <|endoftext|> = 50256). Text is encoded as ordinary text:
-    a literal "<|endoftext|>" in a corpus is just characters, never the special id."""
+    a literal "<|endoftext|>" in a corpus is just characters, never the special id.
+
+    `ranks_file`: a gpt2.tiktoken to read (a saved tokenizer's own copy); else the data directory's,
+    else tiktoken's download. `save` writes the ranks beside the metadata, so a run needs neither."""
 
     spec = "gpt2"
 
-    def __init__(self) -> None:
-        self.enc = _gpt2_encoding()
+    def __init__(self, ranks_file: str | os.PathLike | None = None) -> None:
+        self.enc = _gpt2_encoding_from(str(ranks_file)) if ranks_file is not None else _gpt2_encoding()
         self.vocab_size = self.enc.n_vocab
         self.eot_id = self.enc.eot_token
 
@@ -161,6 +185,17 @@ class GPT2Tokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         # "replace": a cut through a multi-byte character (e.g. while streaming) must not raise.
         return self.enc.decode(list(ids), errors="replace")
+
+    def save(self, directory: str | os.PathLike) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        # Byte-identical to r50k_base.tiktoken (835 KB): generate, serve and Spaces then work offline.
+        lines = [base64.b64encode(t) + b" %d\n" % r
+                 for t, r in sorted(self.enc._mergeable_ranks.items(), key=lambda item: item[1])]
+        tmp = d / f".{GPT2_RANKS_FILE}.tmp{os.getpid()}"
+        tmp.write_bytes(b"".join(lines))
+        os.replace(tmp, d / GPT2_RANKS_FILE)
+        super().save(d)
 
 
 # --------------------------------------------------------------------------------------------- char
@@ -308,7 +343,9 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise GptforgeError(f"{meta_path} is damaged ({type(e).__name__}); prepare the data again") from None
     if spec == "gpt2":
-        tok: Tokenizer = GPT2Tokenizer()
+        # The run's own copy of the ranks; run directories written before it existed use the shared one.
+        ranks = d / GPT2_RANKS_FILE
+        tok: Tokenizer = GPT2Tokenizer(ranks if ranks.is_file() else None)
     elif spec == "char":
         chars = meta.get("chars")
         if not isinstance(chars, list):

@@ -2,6 +2,7 @@
 
     gptforge train --config configs/x.toml train.init=gpt2             # GPT-2 124M from the Hub (online)
     gptforge train --config configs/x.toml train.init=path/to/hf-gpt2  # a local Hugging Face GPT-2 directory
+                                                                       # (e.g. one `gptforge export` wrote)
     gptforge train --config configs/x.toml train.init=runs/char        # another gptforge run (its latest
                                                                        # checkpoint, or name one: runs/char/checkpoints/best)
 
@@ -13,8 +14,10 @@ from them, so the rest of the trainer (block size, data preparation, model const
 it does for a fresh model, and the saved RUN/config.toml describes what was trained. Fields the
 config sets itself must agree with the weights; a smaller `model.block_size` is allowed (the
 position embeddings are cropped, as for fine-tuning GPT-2 at a shorter context); `model.dropout`
-is the config's. Hugging Face GPT-2 weights need GPT-2's tokenizer (`data.tokenizer = "gpt2"`);
-a gptforge run brings its own saved tokenizer, so a char or BPE vocabulary keeps its ids.
+is the config's. A gptforge run brings its own saved tokenizer, so a char or BPE vocabulary keeps
+its ids; so does a Hugging Face directory with a tokenizer.json (`gptforge export` writes one): it is
+read back as the gptforge gpt2, bpe or char tokenizer it was (`gptforge.hf.tokenizer_from_hf`).
+Hugging Face GPT-2 weights without tokenizer files need GPT-2's tokenizer (`data.tokenizer = "gpt2"`).
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ _ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "tie_embedd
 
 @dataclass
 class InitWeights:
-    """Weights to start from: the loaded model (on the CPU), where it came from, and for a gptforge
-    run its tokenizer (None for Hugging Face GPT-2 weights, which use the gpt2 tokenizer)."""
+    """Weights to start from: the loaded model (on the CPU), where it came from, and its tokenizer
+    (None for Hugging Face GPT-2 weights without tokenizer files, which use the gpt2 tokenizer)."""
 
     source: str
     kind: str  # "huggingface" or "gptforge"
@@ -76,11 +79,19 @@ def load_init(spec: str) -> InitWeights:
             model, tokenizer, _ = load_model(path, which="latest", device="cpu")
             return InitWeights(str(spec), "gptforge", model, tokenizer)
         if (path / "config.json").is_file():
-            return InitWeights(str(spec), "huggingface", GPT.from_pretrained(path), None)
+            from gptforge.hf import tokenizer_from_hf
+
+            tokenizer = tokenizer_from_hf(path)  # None without tokenizer.json: GPT-2's is assumed
+            return InitWeights(str(spec), "huggingface", GPT.from_pretrained(path), tokenizer)
         raise GptforgeError(f"train.init = {spec!r} is a directory but neither a gptforge run (checkpoints/) nor a "
                             "Hugging Face GPT-2 directory (config.json + model.safetensors)")
     # Not a local directory: a Hugging Face Hub name (GPT.from_pretrained explains a failed download).
     return InitWeights(str(spec), "huggingface", GPT.from_pretrained(str(spec)), None)
+
+
+def _biases_are_zero(model: GPT) -> bool:
+    """True when every bias is zero: the weights compute the same thing without them."""
+    return all(not p.any() for n, p in model.named_parameters() if n.endswith(".bias"))
 
 
 def prepare_init(config: Config) -> tuple[Config, InitWeights]:
@@ -102,12 +113,14 @@ def prepare_init(config: Config) -> tuple[Config, InitWeights]:
             continue
         if name == "block_size" and want < have.block_size:
             continue  # cropped in load_into
+        if name == "bias" and want is False and _biases_are_zero(init.model):
+            continue  # a bias-free model in GPT-2's layout (an export): its zero biases are dropped
         differ.append(f"model.{name} = {want} (weights: {getattr(have, name)})")
     if differ:
         raise GptforgeError(f"the config's model differs from the train.init weights ({spec}): {', '.join(differ)}; "
                             "remove those fields from the config or pick matching weights")
 
-    if init.kind == "huggingface":
+    if init.tokenizer is None:
         if d.tokenizer != "gpt2":
             raise GptforgeError(f"train.init = {spec!r} holds GPT-2 weights, which need GPT-2's tokenizer; "
                                 f"set data.tokenizer = \"gpt2\" (not {d.tokenizer!r})")
@@ -119,6 +132,9 @@ def prepare_init(config: Config) -> tuple[Config, InitWeights]:
         if d.tokenizer != init.tokenizer.spec:
             raise GptforgeError(f"train.init = {spec!r} was trained with the {init.tokenizer.spec!r} tokenizer; "
                                 f"set data.tokenizer = \"{init.tokenizer.spec}\" (not {d.tokenizer!r})")
+        if have.vocab_size != init.tokenizer.vocab_size:
+            raise GptforgeError(f"train.init = {spec!r} has vocab_size {have.vocab_size}, but its tokenizer has "
+                                f"{init.tokenizer.vocab_size} ids; the weights and the tokenizer do not belong together")
 
     config = copy.deepcopy(config)
     for name in _ARCH_FIELDS:
