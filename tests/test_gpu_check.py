@@ -46,7 +46,7 @@ def test_the_dry_run_passes_every_stage_and_reports_it(tmp_path, data_dir):
     report, md = _read(out)
 
     assert report["dry_run"] is True and report["ok"] is True
-    assert [s["name"] for s in report["stages"]] == ["env", "tests", "throughput", "exercise"]
+    assert [s["name"] for s in report["stages"]] == ["env", "tests", "exercise", "throughput"]
     for stage in report["stages"]:
         assert stage["status"] == "ok", stage
         assert stage["seconds"] > 0 and stage["logs"]
@@ -169,7 +169,7 @@ def test_the_tests_stage_fails_where_cuda_skips_every_gpu_test(tmp_path, gpu_che
 
 
 def test_stage_and_timeout_options(gpu_check):
-    assert gpu_check.parse_stages(None) == ["env", "tests", "throughput", "exercise"]
+    assert gpu_check.parse_stages(None) == ["env", "tests", "exercise", "throughput"]
     assert gpu_check.parse_stages("exercise,tests") == ["env", "tests", "exercise"]  # fixed order, env first
     with pytest.raises(ValueError, match="unknown stage"):
         gpu_check.parse_stages("tests,benchmark")
