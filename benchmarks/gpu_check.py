@@ -594,11 +594,12 @@ def summarise_metrics(path: Path) -> dict[str, Any]:
             out["epochs"] = round(last.get("tokens", 0) / started["train_tokens"], 2)
         out["training_s"] = last.get("elapsed_s")  # the trainer's clock: evaluations and compiling included
         first = next((r for r in train if r["step"] == 1), None)
-        # Seconds per update in steady state: between consecutive logged records that no evaluation split.
+        # Seconds per update in steady state: between consecutive logged records with no evaluation in
+        # between. The trainer logs step s, then evaluates at s, so an evaluation at s lands in (s, next].
         eval_steps = {e["step"] for e in evals}
         per_step = [(b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"])
                     for a, b in zip(train[:-1], train[1:], strict=True)
-                    if b["step"] > a["step"] and not any(a["step"] < s <= b["step"] for s in eval_steps)
+                    if b["step"] > a["step"] and not any(a["step"] <= s < b["step"] for s in eval_steps)
                     and "elapsed_s" in a and "elapsed_s" in b]
         if per_step:
             out["steady_s_per_update"] = round(statistics.median(per_step), 4)

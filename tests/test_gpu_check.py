@@ -168,6 +168,38 @@ def test_the_tests_stage_fails_where_cuda_skips_every_gpu_test(tmp_path, gpu_che
     assert all(t["outcome"] == "skipped" and "needs CUDA" in t["message"] for t in tests)
 
 
+def test_the_exercise_numbers_come_from_metrics_jsonl(tmp_path, gpu_check):
+    """A compiled run's log: the first update carries the compile, an evaluation (logged after the step's
+    train record) lengthens the next interval, the last line was cut short by a kill. Steady seconds per
+    update come only from the intervals without an evaluation."""
+    records = [
+        {"kind": "event", "event": "started", "step": 0, "device": "cuda:0", "dtype": "bfloat16", "params": 124,
+         "train_tokens": 1000, "tokens_per_update": 100},
+        {"kind": "train", "step": 1, "tokens": 100, "loss": 10.9, "elapsed_s": 30.0, "tokens_per_s": 3.3},
+        {"kind": "train", "step": 10, "tokens": 1000, "loss": 5.0, "elapsed_s": 30.9, "tokens_per_s": 1000.0},
+        {"kind": "train", "step": 20, "tokens": 2000, "loss": 0.6, "elapsed_s": 32.1, "tokens_per_s": 833.3},
+        {"kind": "eval", "step": 20, "tokens": 2000, "train_loss": 0.5, "train_loss_tokens": 999},
+        {"kind": "train", "step": 30, "tokens": 3000, "loss": 0.1, "elapsed_s": 33.7, "tokens_per_s": 625.0,
+         "epoch": 3},
+        {"kind": "eval", "step": 30, "tokens": 3000, "train_loss": 0.09, "train_loss_tokens": 999},
+        {"kind": "event", "event": "stopped", "step": 30, "reason": "stop_at_loss", "metric": "train_loss",
+         "value": 0.09, "target": 0.099999},
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "train", "st', encoding="utf-8")
+
+    out = gpu_check.summarise_metrics(path)
+
+    assert (out["stopped_by"], out["target"], out["updates"], out["epochs"], out["epochs_seen"]) == \
+        ("stop_at_loss", 0.099999, 30, 3.0, 3)
+    assert out["whole_text_train_loss"] == 0.09 and out["whole_text_tokens"] == 999
+    # 1->10 (0.10 s/update) and 10->20 (0.12); 20->30 holds the evaluation at 20 and is left out.
+    assert out["steady_s_per_update"] == pytest.approx(0.11)
+    assert out["compile_s_estimate"] == pytest.approx(29.9) and out["training_s"] == 33.7
+    assert out["training_s_without_compile"] == pytest.approx(3.8)
+    assert out["median_tokens_per_s"] == 833 and "compile_s_reported" not in out
+
+
 def test_stage_and_timeout_options(gpu_check):
     assert gpu_check.parse_stages(None) == ["env", "tests", "exercise", "throughput"]
     assert gpu_check.parse_stages("exercise,tests") == ["env", "tests", "exercise"]  # fixed order, env first
