@@ -3,6 +3,8 @@
 #   make test    run the test suite (offline; uses GPTFORGE_DATA_DIR when set)
 #   make test-other-cpu-dtype   the trainer tests with the other CPU precision path forced (CI runs it)
 #   make bench   run the benchmarks and rewrite docs/benchmarks.md
+#   make gpu-check   check gptforge on a CUDA GPU in ~8 minutes, report in runs/gpu-check (docs/gpu.md);
+#                GPU_CHECK_ARGS=--dry-run runs every stage on the CPU with tiny shapes (CI does)
 #
 # TORCH=cpu (default on a machine without nvidia-smi) installs torch==$(TORCH_VERSION), the CPU build.
 # TORCH=cuda is the one switch a GPU user flips: it installs PyPI's default (CUDA) build of torch.
@@ -17,7 +19,7 @@ else
 TORCH_REQ := torch==$(TORCH_VERSION)
 endif
 
-.PHONY: setup demo test test-other-cpu-dtype lint bench clean
+.PHONY: setup demo test test-other-cpu-dtype lint bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +53,14 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/generate_speed.py
+
+# No setup: a GPU box may have torch and the rest installed already, and no network for a venv. The
+# checkout's src/ goes on PYTHONPATH, so no install is needed either. Data: GPTFORGE_DATA_DIR or
+# GPU_CHECK_ARGS="--data-dir DIR".
+PYTHON_RUN ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_ARGS ?=
+gpu-check:
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON_RUN) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -669,7 +669,8 @@ class Trainer:
     def _load_latest(self) -> None:
         latest = ckpt.resolve_checkpoint(self.run_dir, "latest")
         ckpt.load_weights(self.raw_model, latest, self.rt.device)
-        self.load_state_dict(ckpt.load_state(latest, map_location=self.rt.device))
+        # On the CPU: RNG states must be CPU tensors; optimizer.load_state_dict moves its state to the weights.
+        self.load_state_dict(ckpt.load_state(latest, map_location="cpu"))
 
 
 # --------------------------------------------------------------------------------------------- run set-up
