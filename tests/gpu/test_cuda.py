@@ -295,3 +295,27 @@ def test_resume_on_cuda_continues_with_the_same_losses(config, tmp_path):
     assert sorted(once) == sorted(twice) == list(range(1, 21))
     for step in once:
         assert twice[step] == pytest.approx(once[step], rel=BF16_REL), f"step {step}"
+
+
+def test_updates_between_log_steps_never_wait_for_the_gpu(config, tmp_path, monkeypatch):
+    """CUDA's sync debug mode turns any host synchronisation into an error: none happens inside an
+    update (train_step) or the non-finite watch, in bf16 with the fused AdamW and prefetched batches."""
+    from gptforge.train.trainer import Trainer, train
+
+    def strict(method):
+        real = getattr(Trainer, method)
+
+        def wrapped(self, *a, **k):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return real(self, *a, **k)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        monkeypatch.setattr(Trainer, method, wrapped)
+
+    strict("train_step")
+    strict("_watch_finite")
+    result = train(config("train.dtype=bfloat16", "train.max_steps=12", "train.log_every=6",
+                          "train.grad_accum_steps=2"), tmp_path / "run")
+    assert result.step == 12 and math.isfinite(result.train_loss)
