@@ -222,6 +222,12 @@ class TrainConfig:
     """"auto" (cuda > mps > cpu), "cpu", "cuda" or "mps"."""
     seed: int = 1337
     """Seed of every random number generator (python, numpy, torch, the data sampler)."""
+    sample_every: int | None = None
+    """Write a short sample (console and RUN/samples.jsonl) every this many updates (default: at each evaluation; 0: never)."""
+    sample_prompt: str = ""
+    """Prompt of those samples (empty: start from <|endoftext|>, or a newline for a char vocabulary)."""
+    sample_tokens: int = 100
+    """Tokens per sample written while training."""
     tensorboard: bool = False
     """Also write TensorBoard scalars into RUN/tensorboard."""
     init: str | None = None
@@ -231,7 +237,9 @@ class TrainConfig:
         _choice("train.stop_metric", self.stop_metric, ("val", "train_full"))
         _choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         _choice("train.device", self.device, ("auto", "cpu", "cuda", "mps"))
-        for name in ("batch_size", "eval_every", "eval_batches", "log_every", "checkpoint_every"):
+        if self.sample_every is not None and self.sample_every < 0:
+            raise GptforgeError(f"train.sample_every = {self.sample_every} is invalid; it must be >= 0 (0: no samples)")
+        for name in ("batch_size", "eval_every", "eval_batches", "log_every", "checkpoint_every", "sample_tokens"):
             if getattr(self, name) < 1:
                 raise GptforgeError(f"train.{name} = {getattr(self, name)} is invalid; it must be >= 1")
         for name in ("grad_accum_steps", "tokens_per_update", "max_steps", "max_tokens"):

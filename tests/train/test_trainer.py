@@ -502,3 +502,29 @@ def test_muon_trains_checkpoints_and_resumes_exactly(tiny_config, tmp_path, read
     set_lr(opt, 1.5e-3)  # half of optim.lr (3e-3): the schedule scales Muon's LR by the same factor
     assert [g["lr"] for g in opt.muon.param_groups] == [pytest.approx(0.01)]
     assert {g["lr"] for g in opt.adamw.param_groups} == {1.5e-3}
+
+
+def test_samples_are_written_at_each_evaluation_without_changing_the_training(tiny_config, tmp_path,
+                                                                             read_metrics, capsys):
+    """train.sample_every (default: each evaluation) writes a seeded sample from a fixed prompt to the
+    console and RUN/samples.jsonl; it has its own RNG, so the losses equal a run without samples."""
+    import json
+
+    common = ("train.max_steps=8", "train.eval_every=4", "model.dropout=0.1", "train.sample_tokens=20")
+    train(tiny_config(*common, "train.sample_prompt=ROMEO:"), tmp_path / "with")
+    out = capsys.readouterr().out
+    train(tiny_config(*common, "train.sample_every=0"), tmp_path / "without")
+    samples = [json.loads(line) for line in (tmp_path / "with" / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [4, 8] and all(s["prompt"] == "ROMEO:" for s in samples)
+    assert all(len(s["text"]) == 20 for s in samples)  # char level: one character per token
+    assert f"sample step 8 | ROMEO:{samples[1]['text']}" in out
+    assert not (tmp_path / "without" / "samples.jsonl").exists()
+    assert [r["loss"] for r in read_metrics(tmp_path / "with", "train")] == \
+           [r["loss"] for r in read_metrics(tmp_path / "without", "train")]
+
+    # Every 3 updates instead, and the same seeded sample for the same weights (a resume rewrites none).
+    train(tiny_config("train.max_steps=4", "optim.decay_steps=8", "train.eval_every=4", "model.dropout=0.1",
+                      "train.sample_tokens=20", "train.sample_prompt=ROMEO:", "train.sample_every=3"),
+          tmp_path / "every3")
+    every3 = [json.loads(line) for line in (tmp_path / "every3" / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in every3] == [3, 4] and every3[1]["text"] == samples[0]["text"]

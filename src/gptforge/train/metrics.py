@@ -108,6 +108,7 @@ class MetricsLogger:
             path = self.run_dir / "metrics.jsonl"
             if resume_step is not None:
                 _truncate_after(path, resume_step)
+                _truncate_after(self.run_dir / SAMPLES, resume_step)
             self._file = open(path, "a", encoding="utf-8")  # kept open for the run; flushed per line
         # A live bar only on a terminal; in a log file or a pipe a bar is noise, so print a line per call.
         if sys.stdout.isatty():
@@ -174,6 +175,16 @@ class MetricsLogger:
         self._write({"kind": "event", "event": name, "step": step, "time": time.time(), **fields})
         details = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
         self._console(f"[{name}] step {step}" + (f" {details}" if details else ""))
+
+    def sample(self, step: int, prompt: str, text: str, **fields: Any) -> None:
+        """A sample written while training: RUN/samples.jsonl and the console (prompt + continuation)."""
+        if not self.enabled:
+            return
+        if self.run_dir is not None:
+            record = {"step": step, "prompt": prompt, "text": text, **_plain(fields)}
+            with open(self.run_dir / SAMPLES, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._console(f"sample step {step} | {prompt}{text}")
 
     def print(self, msg: str) -> None:
         """A console line that does not break the progress bar."""
@@ -255,6 +266,8 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float
         raise ValueError(f"peak_flops must be positive, got {peak_flops}")
     return flops_per_token * tokens_per_s / peak_flops
 
+
+SAMPLES = "samples.jsonl"
 
 _PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 

@@ -168,6 +168,7 @@ class Trainer:
         self._size_from: tuple[int, float] | None = None  # (step, elapsed) where the speed is measured from
         self._clock_start = 0.0  # perf_counter() at which self.elapsed_start was the elapsed time
         self._last_eval_s = self._last_checkpoint_s = 0.0  # how long the last evaluation / save took
+        self._last_sample_step = -1
 
         if resume:
             self._load_latest()
@@ -247,6 +248,8 @@ class Trainer:
                     self._log_train(*last)
                 if self.step % t.eval_every == 0:
                     stopped_by = self._evaluate_and_maybe_stop()
+                if self._sample_due():
+                    self.write_sample()
                 if self.step % t.checkpoint_every == 0:
                     self.save_checkpoint(keep_step_copy=True)
                 if interrupted:  # Ctrl-C or SIGTERM on some rank: the step is complete, save it
@@ -263,6 +266,8 @@ class Trainer:
                 self._log_train(*last)
             if self.last_eval_step != self.step:
                 self._evaluate_and_maybe_stop(final=True)
+            if self._sample_due(final=True):
+                self.write_sample()
             self.save_checkpoint(keep_step_copy=self.step % t.checkpoint_every == 0)
             if self._stop_event:
                 self.log.event("stopped", **self._stop_event)
@@ -331,6 +336,33 @@ class Trainer:
         finally:
             self.eval_model.train()
         return record
+
+    def write_sample(self) -> str:
+        """A short sample from train.sample_prompt, with a fixed seed so samples compare across the run
+        (console and RUN/samples.jsonl, rank 0). Its own RNG and eval mode: the training is unchanged."""
+        from gptforge.generate import Generator
+
+        t = self.config.train
+        settings = {"temperature": 0.8, "top_k": 40, "seed": t.seed}
+        text = ""
+        if self.rt.is_main:
+            try:
+                text = Generator(self.raw_model, self.tokenizer).generate(
+                    t.sample_prompt, max_new_tokens=t.sample_tokens, **settings)[0]
+            finally:
+                self.raw_model.train()
+            self.log.sample(self.step, t.sample_prompt, text, tokens=self.tokens, **settings)
+        self._last_sample_step = self.step
+        return text
+
+    def _sample_due(self, final: bool = False) -> bool:
+        """At each evaluation by default (final: the one that ends the run), else every sample_every."""
+        every = self.config.train.sample_every
+        if self._last_sample_step == self.step:
+            return False
+        if every is None:
+            return self.last_eval_step == self.step
+        return every > 0 and (final or self.step % every == 0)
 
     # ------------------------------------------------------------------------------------ state
 
@@ -497,6 +529,7 @@ class Trainer:
         the next such step, so every rank stops at the same one."""
         t, s = self.config.train, self.step
         return (s == 1 or s % t.log_every == 0 or s % t.eval_every == 0 or s % t.checkpoint_every == 0
+                or (bool(t.sample_every) and s % t.sample_every == 0)
                 or (t.max_steps is not None and s >= t.max_steps)
                 or (t.max_tokens is not None and self.tokens >= t.max_tokens)
                 or (stop_now and not self.rt.distributed))
