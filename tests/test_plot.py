@@ -90,3 +90,48 @@ def test_cli_plot(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("gptforge: error: ") and "not a directory" in err and "Traceback" not in err
+
+
+def _timed_run(run_dir, scale: float, seconds_per_step: float, with_eval_clock: bool = True):
+    with MetricsLogger(run_dir, total_steps=40) as log:
+        for step in range(1, 41):
+            log.log_train(step, tokens=step * 512, loss=scale * 4.0 / math.sqrt(step) + 1.0, lr=1e-3,
+                          elapsed_s=step * seconds_per_step)
+            if step % 10 == 0:
+                clock = {"elapsed_s": step * seconds_per_step} if with_eval_clock else {}
+                log.log_eval(step, tokens=step * 512, val_loss=scale * 4.2 / math.sqrt(step) + 1.1, **clock)
+    return run_dir
+
+
+@pytest.mark.parametrize("x", ["steps", "tokens", "seconds"])
+def test_overlay_draws_one_validation_curve_per_run(tmp_path, x):
+    from gptforge.plot import overlay_figure, plot_runs
+
+    runs = [_timed_run(tmp_path / "fast", 1.0, 0.5), _timed_run(tmp_path / "slow", 0.8, 2.0),
+            _timed_run(tmp_path / "old", 1.2, 1.0, with_eval_clock=False)]  # eval records without a clock
+    fig = overlay_figure(runs, x)
+    lines = fig.axes[0].get_lines()
+    assert len(lines) == 3
+    assert [line.get_label().split(" ")[0] for line in lines] == ["fast", "slow", "old"]
+    expected_x = {"steps": [10, 20, 30, 40], "tokens": [5120, 10240, 15360, 20480],
+                  "seconds": [5.0, 10.0, 15.0, 20.0]}[x]
+    assert list(lines[0].get_xdata()) == pytest.approx(expected_x)
+    if x == "seconds":  # 2 s per step, and the older run's clock read from its train records
+        assert list(lines[1].get_xdata()) == pytest.approx([20.0, 40.0, 60.0, 80.0])
+        assert list(lines[2].get_xdata()) == pytest.approx([10.0, 20.0, 30.0, 40.0])
+    assert list(lines[1].get_ydata()) == pytest.approx([0.8 * 4.2 / math.sqrt(s) + 1.1 for s in (10, 20, 30, 40)])
+    png = plot_runs(runs, tmp_path / "cmp.png", x=x)
+    assert png.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_plot_cli_overlays_several_runs(tmp_path, capsys, monkeypatch):
+    a, b = _timed_run(tmp_path / "a", 1.0, 0.5), _timed_run(tmp_path / "b", 0.9, 0.5)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    main(["plot", str(a), str(b)])
+    assert capsys.readouterr().out.strip() == "compare.png" and (tmp_path / "compare.png").is_file()
+    main(["plot", str(a), str(b), "--x", "tokens", "--out", str(tmp_path / "t.png")])
+    assert (tmp_path / "t.png").read_bytes().startswith(PNG_MAGIC)
+    with pytest.raises(SystemExit) as e:
+        main(["plot", str(a), str(tmp_path / "nope")])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("gptforge: error: ")

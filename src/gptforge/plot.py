@@ -2,6 +2,7 @@
 
     gptforge plot runs/demo                 # writes runs/demo/loss.png
     gptforge plot runs/demo --out demo.png --log-y
+    gptforge plot runs/a runs/b runs/c --x seconds --out compare.png   # validation curves overlaid
 
     from gptforge.plot import plot_run
     plot_run("runs/demo")                   # -> Path("runs/demo/loss.png")
@@ -20,7 +21,7 @@ from typing import Any
 
 from gptforge.errors import GptforgeError
 
-__all__ = ["iter_records", "plot_run", "read_metrics"]
+__all__ = ["iter_records", "plot_run", "plot_runs", "read_metrics"]
 
 
 def iter_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -128,4 +129,72 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, log_y: bool 
     tmp = out.with_name(out.name + ".tmp")
     fig.savefig(tmp, format="png", dpi=100)
     os.replace(tmp, out)  # a reader (or a kill) never sees half a PNG
+    return out
+
+
+X_AXES = {"steps": "step", "tokens": "tokens", "seconds": "elapsed_s"}
+
+
+def _eval_x(metrics: dict[str, list[dict[str, Any]]], x: str) -> tuple[list[float], list[float]]:
+    """(x, val_loss) of a run's evaluations. Seconds are the training clock at the evaluation (its
+    own `elapsed_s`, or for older runs the clock of the train records around it, interpolated)."""
+    key = X_AXES[x]
+    evals = [e for e in metrics["eval"] if e.get("val_loss") is not None]
+    if key != "elapsed_s" or all("elapsed_s" in e for e in evals):
+        return _series(evals, key, "val_loss")
+    clock = [(r["step"], r["elapsed_s"]) for r in metrics["train"] if r.get("elapsed_s") is not None]
+    xs, ys = [], []
+    for e in evals:
+        before = [c for c in clock if c[0] <= e["step"]]
+        after = [c for c in clock if c[0] >= e["step"]]
+        if not before or not after:
+            continue
+        (s0, t0), (s1, t1) = before[-1], after[0]
+        xs.append(t0 if s1 == s0 else t0 + (t1 - t0) * (e["step"] - s0) / (s1 - s0))
+        ys.append(e["val_loss"])
+    return xs, ys
+
+
+def overlay_figure(runs: list[str | Path], x: str = "seconds", *, log_y: bool = False):
+    """A matplotlib Figure with one validation-loss curve per run against `x` (steps, tokens or seconds)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter
+
+    if x not in X_AXES:
+        raise GptforgeError(f"--x {x!r} is unknown; use one of {', '.join(X_AXES)}")
+    if not runs:
+        raise GptforgeError("no run to plot; pass one or more run directories")
+    fig = Figure(figsize=(8, 5.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    names = [Path(r).resolve().name for r in runs]
+    if len(set(names)) < len(names):  # runs/a/x and runs/b/x: show the parent too
+        names = [f"{Path(r).resolve().parent.name}/{Path(r).resolve().name}" for r in runs]
+    for i, (run, name) in enumerate(zip(runs, names, strict=True)):
+        xs, ys = _eval_x(read_metrics(run), x)
+        if not ys:
+            raise GptforgeError(f"{run} has no validation loss to plot (no evaluation with a validation split yet)")
+        ax.plot(xs, ys, marker="o", markersize=3, color=f"C{i % 10}", label=f"{name} (final {ys[-1]:.4f})")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel({"steps": "step", "tokens": "tokens", "seconds": "training seconds (evaluations included)"}[x])
+    if x == "tokens":
+        ax.xaxis.set_major_formatter(EngFormatter())
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper right")
+    ax.set_title(f"validation loss vs {x}")
+    return fig
+
+
+def plot_runs(runs: list[str | Path], out: str | Path, x: str = "seconds", *, log_y: bool = False) -> Path:
+    """Overlay several runs' validation curves against steps, tokens or seconds (how recipes are
+    compared) into the PNG `out`, and return its path."""
+    fig = overlay_figure(runs, x, log_y=log_y)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, out)
     return out

@@ -162,7 +162,7 @@ class MetricsLogger:
         fields = _plain(fields)
         self._write({"kind": "eval", "step": step, **fields})
         self._tb_scalars("eval", step, fields)
-        shown = " | ".join(f"{k} {self._fmt(k, v)}" for k, v in fields.items() if k != "tokens")
+        shown = " | ".join(f"{k} {self._fmt(k, v)}" for k, v in fields.items() if k not in ("tokens", "elapsed_s"))
         self._console(f"eval step {step} | {shown}" if shown else f"eval step {step}")
 
     def event(self, name: str, **fields: Any) -> None:

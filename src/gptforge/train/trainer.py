@@ -431,6 +431,7 @@ class Trainer:
         t = self.config.train
         clock = time.perf_counter()
         record = self.evaluate()
+        record["elapsed_s"] = round(self.elapsed, 3)  # the training clock when this evaluation began
         self._last_eval_s = time.perf_counter() - clock
         self.last_eval_step = self.step
         self.last_val_loss = record.get("val_loss", self.last_val_loss)
