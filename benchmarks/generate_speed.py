@@ -11,7 +11,7 @@ no positions past its context), then 512 and 1,024 (past the context: gptforge s
 re-prefilling the last 3/4 of the context when it is full). "No cache" recomputes the whole window
 for every token (the same windows, hence the same tokens: asserted); the model returns logits for
 every position, as its contract says, so that path also pays for the LM head over the window.
-The Hugging Face model is exported with GPT.save_pretrained and loaded with from_pretrained;
+The Hugging Face model is exported with gptforge.hf.save_pretrained and loaded with from_pretrained;
 its greedy tokens must match ours. Timings on a shared CPU move from run to run: compare the
 columns of one row (measured back to back), and use --repeats to keep the fastest of several.
 """
@@ -75,13 +75,14 @@ def measure(name: str, lengths: tuple[int, ...], repeats: int, no_cache_max: int
     from transformers import GPT2LMHeadModel
 
     from gptforge.generate import Generator, SamplingSettings
+    from gptforge.hf import save_pretrained
     from gptforge.model import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=GPT2_VOCAB, block_size=CONTEXT, **MODELS[name])).eval()
     gen = Generator(model, _VocabOnly())
     with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
+        save_pretrained(model, d)
         hf = GPT2LMHeadModel.from_pretrained(d).eval()
     prompt = prompt_ids()
     x = torch.tensor([prompt])
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         f"`{command}`: greedy decoding, batch 1, a {PROMPT_TOKENS}-token prompt, context {CONTEXT}, GPT-2 "
         "vocabulary, float32, random weights (speed does not depend on them). KV cache = gptforge's "
         "Generator; no cache = the same engine recomputing the whole window for every token; HF = "
-        "`GPT2LMHeadModel.generate` (its own KV cache) on the same weights, via `GPT.save_pretrained`.",
+        "`GPT2LMHeadModel.generate` (its own KV cache) on the same weights, via `gptforge.hf.save_pretrained`.",
         "",
         table(rows),
         "",

@@ -5,6 +5,7 @@ round-trips through `train --init`, and bad input fails in one line without leav
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import torch
 
 from gptforge.config import load_config
 from gptforge.errors import GptforgeError
+from gptforge.hf import load_pretrained, save_pretrained
+from gptforge.model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -308,3 +311,157 @@ def test_tokenizers_gptforge_cannot_train_with_are_refused_in_one_line(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(GptforgeError, match="not a readable Hugging Face tokenizer"):
         tokenizer_from_hf(tmp_path)
+
+
+# ------------------------------------------------------------------------------------ GPT-2 weights both ways
+
+# (n_layer, n_head, n_embd, block_size, vocab_size, tie): n_head 3 and 5 are not powers of two,
+# nor are block sizes 37 and 24.
+HF_SHAPES = [
+    (2, 3, 48, 37, 101, True),
+    (1, 4, 32, 64, 64, True),
+    (3, 5, 40, 24, 257, False),
+]
+
+
+def _hf_model(n_layer, n_head, n_embd, block_size, vocab_size, tie, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        n_positions=block_size,
+        vocab_size=vocab_size,
+        tie_word_embeddings=tie,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    # HF's init leaves biases and LayerNorms at 0/1; randomise them so they are really compared.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _greedy(step_logits, prompt: torch.Tensor, n: int) -> list[int]:
+    """Greedy continuation; step_logits(ids) -> (1, T, V) logits of the whole sequence."""
+    ids = prompt.clone()
+    for _ in range(n):
+        nxt = step_logits(ids)[0, -1].argmax()
+        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    return ids[0, prompt.size(1) :].tolist()
+
+
+def _greedy_cached(model: GPT, prompt: torch.Tensor, n: int) -> list[int]:
+    cache = model.new_kv_cache(1)
+    logits, _ = model(prompt, kv_cache=cache)
+    out = []
+    for _ in range(n):
+        nxt = logits[0, -1].argmax().view(1, 1)
+        out.append(nxt.item())
+        logits, _ = model(nxt, kv_cache=cache)
+    return out
+
+
+@pytest.mark.parametrize("shape", HF_SHAPES, ids=lambda s: "L{}-H{}-C{}-T{}-V{}-tie{}".format(*s))
+def test_hf_parity_both_ways(shape, tmp_path):
+    n_layer, n_head, n_embd, block_size, vocab_size, tie = shape
+    hf = _hf_model(*shape)
+    idx = torch.randint(0, vocab_size, (2, block_size), generator=torch.Generator().manual_seed(1))
+
+    # HF -> ours
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_pretrained(tmp_path / "hf").eval()
+    assert ours.config.tie_embeddings is tie and ours.config.block_size == block_size
+    with torch.no_grad():
+        ours_logits, _ = ours(idx)
+        hf_logits = hf(idx).logits
+    assert ours_logits.shape == hf_logits.shape == (2, block_size, vocab_size)
+    assert (ours_logits - hf_logits).abs().max().item() <= 1e-4
+    prompt = idx[:1, :5]
+    with torch.no_grad():
+        hf_tokens = _greedy(lambda ids: hf(ids).logits, prompt, 15)
+        assert _greedy(lambda ids: ours(ids)[0], prompt, 15) == hf_tokens
+        assert _greedy_cached(ours, prompt, 15) == hf_tokens
+
+    # ours (freshly initialised, so different weights) -> HF
+    torch.manual_seed(2)
+    mine = GPT(GPTConfig(n_layer, n_head, n_embd, block_size, vocab_size, tie_embeddings=tie)).eval()
+    save_pretrained(mine, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["model_type"] == "gpt2"
+    hf2 = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        diff = (mine(idx)[0] - hf2(idx).logits).abs().max().item()
+        assert diff <= 1e-4
+        assert _greedy(lambda ids: hf2(ids).logits, prompt, 12) == _greedy_cached(mine, prompt, 12)
+
+
+def test_export_without_biases_loads_in_hf(tmp_path):
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(2, 2, 32, 16, 50, bias=False)).eval()
+    assert not any(n.endswith("bias") for n, _ in m.named_parameters())
+    save_pretrained(m, tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 50, (1, 16))
+    with torch.no_grad():
+        assert (m(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_from_pretrained_reads_pytorch_model_bin_and_overrides(tmp_path):
+    hf = _hf_model(*HF_SHAPES[0])
+    hf.config.to_json_file(tmp_path / "config.json")
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    m = load_pretrained(tmp_path, dropout=0.1, block_size=20).eval()
+    assert (m.config.dropout, m.config.block_size) == (0.1, 20)
+    idx = torch.randint(0, 101, (1, 20))
+    with torch.no_grad():
+        assert (m(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-4
+    with pytest.raises(GptforgeError, match="n_layer"):
+        load_pretrained(tmp_path, n_layer=3)
+
+
+class _Evil:
+    """Unpickling this would create a directory: proof that pickled code ran."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_loading_never_unpickles_code(tmp_path):
+    hf = _hf_model(*HF_SHAPES[1])
+    hf.config.to_json_file(tmp_path / "config.json")
+    marker = tmp_path / "pwned"
+    state = dict(hf.state_dict())
+    state["transformer.wte.weight"] = _Evil(str(marker))
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(GptforgeError, match="weights_only"):
+        load_pretrained(tmp_path)
+    assert not marker.exists()
+
+
+def test_from_pretrained_bad_inputs(tmp_path, monkeypatch):
+    with pytest.raises(GptforgeError, match="not a directory"):
+        load_pretrained(tmp_path / "missing")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(GptforgeError, match="JSON"):
+        load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 8})
+    )
+    with pytest.raises(GptforgeError, match="neither model.safetensors"):
+        load_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(GptforgeError, match="safetensors"):
+        load_pretrained(tmp_path)
+    # A Hub name while offline: a one-line GptforgeError, not a traceback from huggingface_hub.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(GptforgeError, match="Hugging Face Hub"):
+        load_pretrained("gptforge-test/no-such-model")

@@ -11,7 +11,9 @@
     export_run("runs/char", "hf/char", which="best")
     tok = tokenizer_from_hf("hf/char")               # the gptforge tokenizer again (train --init uses it)
 
-The weights are GPT-2's layout (`GPT.save_pretrained`, padded vocabulary rows dropped). The tokenizer
+Weights: `load_pretrained(dir_or_hub_name)` reads GPT-2 weights in Hugging Face's layout into a gptforge
+GPT (train --init uses it); `save_pretrained(model, dir)` writes a GPT in that layout (padded vocabulary
+rows dropped), which transformers.GPT2LMHeadModel loads. The tokenizer
 is written with Hugging Face `tokenizers` alone, so exporting needs no `transformers` and no network:
 - gpt2: GPT-2's own tokenizer files (tokenizer.json, vocab.json, merges.txt), rebuilt from the local
   tiktoken ranks: the vocabulary is the ranks under GPT-2's byte-to-unicode mapping, and each merge is
@@ -36,16 +38,269 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from gptforge.errors import GptforgeError
 
 if TYPE_CHECKING:
     from gptforge.data.tokenizers import Tokenizer
-    from gptforge.model import GPT
+    from gptforge.model import GPT, GPTConfig
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 GENERATION_CONFIG = "generation_config.json"
 CARD = "README.md"
+
+
+# --------------------------------------------------------------------------------------------- GPT-2 weights
+
+
+def load_pretrained(name_or_dir: str | Path, **overrides: Any) -> GPT:
+    """Load a GPT-2 checkpoint in Hugging Face's layout as a gptforge GPT.
+
+        load_pretrained("hf-gpt2/")                 # config.json + model.safetensors (or pytorch_model.bin)
+        load_pretrained("gpt2", dropout=0.1)        # a Hub name, downloaded when online
+
+    Overrides may set `dropout`, `pad_vocab_multiple` or a smaller `block_size` (the position
+    embeddings are cropped). Weights are read with safetensors or torch.load(weights_only=True):
+    loading never runs pickled code.
+    """
+    from gptforge.model import GPT
+
+    directory = _resolve_pretrained(name_or_dir)
+    hf = _read_config_json(directory / "config.json")
+    config = _config_from_hf(hf, directory, overrides)
+    state = _read_hf_weights(directory)
+    model = GPT(config)
+    _load_hf_state(model, state, directory)
+    return model
+
+
+def save_pretrained(model: GPT, directory: str | Path) -> None:
+    """Write `config.json` + `model.safetensors` that `transformers.GPT2LMHeadModel.from_pretrained`
+    loads. Padded vocabulary rows are dropped; with `bias=False` the biases are written as zeros
+    (which computes the same thing)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(_config_to_hf(model.config), indent=2) + "\n")
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in hf_state(model).items()}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def hf_state(model: GPT) -> dict[str, torch.Tensor]:
+    """A GPT's weights under Hugging Face's names. Its Conv1D stores (in, out), nn.Linear (out, in)."""
+    c, V = model.config, model.config.vocab_size
+    t = model.transformer
+    out: dict[str, torch.Tensor] = {
+        "transformer.wte.weight": t.wte.weight[:V],
+        "transformer.wpe.weight": t.wpe.weight,
+    }
+
+    def ln(prefix: str, module: torch.nn.LayerNorm) -> None:
+        out[f"{prefix}.weight"] = module.weight
+        out[f"{prefix}.bias"] = (
+            module.bias if module.bias is not None else torch.zeros_like(module.weight)
+        )
+
+    def linear(prefix: str, module: torch.nn.Linear) -> None:
+        out[f"{prefix}.weight"] = module.weight.t()
+        out[f"{prefix}.bias"] = (
+            module.bias if module.bias is not None else module.weight.new_zeros(module.out_features)
+        )
+
+    for i, block in enumerate(t.h):
+        p = f"transformer.h.{i}"
+        ln(f"{p}.ln_1", block.ln_1)
+        linear(f"{p}.attn.c_attn", block.attn.c_attn)
+        linear(f"{p}.attn.c_proj", block.attn.c_proj)
+        ln(f"{p}.ln_2", block.ln_2)
+        linear(f"{p}.mlp.c_fc", block.mlp.c_fc)
+        linear(f"{p}.mlp.c_proj", block.mlp.c_proj)
+    ln("transformer.ln_f", t.ln_f)
+    # Tied: the head *is* wte, and safetensors refuses two names for one storage, so (like
+    # transformers) we write wte only and tie_word_embeddings=true makes the loader re-tie it.
+    if not c.tie_embeddings:
+        out["lm_head.weight"] = model.lm_head.weight[:V]
+    return out
+
+
+@torch.no_grad()
+def _load_hf_state(model: GPT, state: dict[str, torch.Tensor], source: Path) -> None:
+    # Old checkpoints (the original "gpt2" upload) have no "transformer." prefix.
+    state = {
+        k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v
+        for k, v in state.items()
+    }
+    V, c = model.config.vocab_size, model.config
+    ours = hf_state(model)
+    for name, target in ours.items():
+        if name not in state:
+            raise GptforgeError(f"{source}: weight {name} is missing; is this a GPT-2 checkpoint?")
+        src = state[name]
+        if name == "transformer.wpe.weight":
+            src = src[: c.block_size]  # a smaller block_size override crops the positions
+        if tuple(src.shape) != tuple(target.shape):
+            raise GptforgeError(
+                f"{source}: weight {name} has shape {tuple(src.shape)}, expected {tuple(target.shape)} "
+                "from config.json; the checkpoint and its config disagree"
+            )
+        target.copy_(src.to(target.dtype))
+    if not c.tie_embeddings and "lm_head.weight" not in state:
+        raise GptforgeError(f"{source}: untied checkpoint without lm_head.weight")
+    # Padded rows never get probability; zero them so they are inert, as a fresh model would be.
+    model.transformer.wte.weight[V:].zero_()
+    if model.lm_head is not None:
+        model.lm_head.weight[V:].zero_()
+
+
+_HF_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are GELU's tanh approximation
+
+
+def _resolve_pretrained(name_or_dir: str | Path) -> Path:
+    """A local directory as is; otherwise a Hub name, downloaded (config + weights) when online."""
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_dir)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise GptforgeError(
+            f"{name}: not a directory holding config.json and model.safetensors; give a Hugging Face "
+            "GPT-2 directory or a Hub name such as gpt2"
+        )
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as e:
+        raise GptforgeError(
+            f"{name}: downloading from the Hub needs huggingface_hub; pip install 'gptforge[hf]'"
+        ) from e
+    try:
+        config = hf_hub_download(name, "config.json")
+    except Exception as e:  # offline, unknown repository, ...: one line for the user
+        raise GptforgeError(
+            f"could not download {name!r} from the Hugging Face Hub ({type(e).__name__}); check the name and "
+            "your connection, or pass a local directory with config.json and model.safetensors"
+        ) from e
+    for weights in ("model.safetensors", "pytorch_model.bin"):
+        try:
+            hf_hub_download(name, weights)
+            break
+        except Exception:  # noqa: S112 - try the next file name
+            continue
+    else:
+        raise GptforgeError(f"{name}: the Hub repository has neither model.safetensors nor pytorch_model.bin")
+    return Path(config).parent
+
+
+def _read_config_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise GptforgeError(f"{path} is missing; a Hugging Face GPT-2 directory has config.json") from e
+    except (OSError, ValueError) as e:
+        raise GptforgeError(f"{path} is not readable JSON ({e}); re-export the checkpoint") from e
+    if not isinstance(data, dict):
+        raise GptforgeError(f"{path} is not a JSON object; re-export the checkpoint")
+    return data
+
+
+def _config_from_hf(hf: dict[str, Any], directory: Path, overrides: dict[str, Any]) -> GPTConfig:
+    from gptforge.model import GPTConfig
+
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise GptforgeError(
+            f"{directory}: model_type {hf.get('model_type')!r} is not gpt2; only GPT-2 checkpoints load"
+        )
+    act = hf.get("activation_function", "gelu_new")
+    n_embd = hf.get("n_embd", 768)
+    n_inner = hf.get("n_inner")
+    if act not in _HF_ACTIVATIONS or (n_inner is not None and n_inner != 4 * n_embd):
+        raise GptforgeError(
+            f"{directory}: activation {act!r} / n_inner {n_inner!r} differ from GPT-2's (gelu_new, 4*n_embd); "
+            "this model cannot hold that checkpoint"
+        )
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
+        raise GptforgeError(f"{directory}: non-standard attention scaling in config.json is not supported")
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    if abs(eps - 1e-5) > 1e-12:
+        raise GptforgeError(f"{directory}: layer_norm_epsilon {eps} differs from GPT-2's 1e-5; not supported")
+    allowed = {"dropout", "pad_vocab_multiple", "block_size"}
+    bad = sorted(set(overrides) - allowed)
+    if bad:
+        raise GptforgeError(
+            f"cannot override {', '.join(bad)} of a pretrained model; only {', '.join(sorted(allowed))} may change"
+        )
+    n_positions = hf.get("n_positions", hf.get("n_ctx", 1024))
+    if overrides.get("block_size", n_positions) > n_positions:
+        raise GptforgeError(
+            f"block_size={overrides['block_size']} exceeds the checkpoint's n_positions={n_positions}"
+        )
+    fields_ = dict(
+        n_layer=hf.get("n_layer", 12),
+        n_head=hf.get("n_head", 12),
+        n_embd=n_embd,
+        block_size=n_positions,
+        vocab_size=hf.get("vocab_size", 50257),
+        dropout=0.0,
+        bias=True,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+    )
+    return GPTConfig(**{**fields_, **overrides})
+
+
+def _config_to_hf(c: GPTConfig) -> dict[str, Any]:
+    hf: dict[str, Any] = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "n_layer": c.n_layer,
+        "n_head": c.n_head,
+        "n_embd": c.n_embd,
+        "n_positions": c.block_size,
+        "n_ctx": c.block_size,
+        "n_inner": None,
+        "vocab_size": c.vocab_size,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "embd_pdrop": c.dropout,
+        "attn_pdrop": c.dropout,
+        "resid_pdrop": c.dropout,
+        "tie_word_embeddings": c.tie_embeddings,
+        "torch_dtype": "float32",
+    }
+    if c.vocab_size == 50257:  # GPT-2's BPE: <|endoftext|> starts and ends documents
+        hf["bos_token_id"] = hf["eos_token_id"] = 50256
+    return hf
+
+
+def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Weights from model.safetensors, else pytorch_model.bin; never unpickles arbitrary objects."""
+    st, pt = directory / "model.safetensors", directory / "pytorch_model.bin"
+    if st.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(st))
+        except (SafetensorError, OSError) as e:
+            raise GptforgeError(
+                f"{st} is damaged or not a safetensors file ({e}); download or export it again"
+            ) from e
+    if pt.is_file():
+        try:
+            state = torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle.UnpicklingError for anything but tensors and plain containers
+            raise GptforgeError(
+                f"{pt} was refused: it is not a plain tensor file loadable with weights_only=True "
+                f"({type(e).__name__}); convert it to model.safetensors"
+            ) from e
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise GptforgeError(f"{pt} does not hold a dict of tensors; convert it to model.safetensors")
+        return state
+    raise GptforgeError(
+        f"{directory} has neither model.safetensors nor pytorch_model.bin; give a GPT-2 checkpoint directory"
+    )
 
 
 # --------------------------------------------------------------------------------------------- gpt2 files
@@ -273,9 +528,9 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, which: st
 
 
 def _write_model(model: GPT, tok: Tokenizer, d: Path) -> None:
-    """config.json + model.safetensors (GPT.save_pretrained) with the tokenizer's special ids, and
+    """config.json + model.safetensors (save_pretrained) with the tokenizer's special ids, and
     generation_config.json."""
-    model.save_pretrained(d)
+    save_pretrained(model, d)
     config = json.loads((d / "config.json").read_text(encoding="utf-8"))
     # Explicit, null included: GPT2Config defaults both to 50256, which is no id of a char or bpe vocabulary.
     config.update(bos_token_id=tok.eot_id, eos_token_id=tok.eot_id)

@@ -69,7 +69,7 @@ class InitWeights:
 
 def load_init(spec: str) -> InitWeights:
     """Load `spec`: a gptforge run or checkpoint directory, a Hugging Face GPT-2 directory, or a Hub name."""
-    from gptforge.model import GPT
+    from gptforge.hf import load_pretrained
 
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -82,11 +82,11 @@ def load_init(spec: str) -> InitWeights:
             from gptforge.hf import tokenizer_from_hf
 
             tokenizer = tokenizer_from_hf(path)  # None without tokenizer.json: GPT-2's is assumed
-            return InitWeights(str(spec), "huggingface", GPT.from_pretrained(path), tokenizer)
+            return InitWeights(str(spec), "huggingface", load_pretrained(path), tokenizer)
         raise GptforgeError(f"train.init = {spec!r} is a directory but neither a gptforge run (checkpoints/) nor a "
                             "Hugging Face GPT-2 directory (config.json + model.safetensors)")
-    # Not a local directory: a Hugging Face Hub name (GPT.from_pretrained explains a failed download).
-    return InitWeights(str(spec), "huggingface", GPT.from_pretrained(str(spec)), None)
+    # Not a local directory: a Hugging Face Hub name (load_pretrained explains a failed download).
+    return InitWeights(str(spec), "huggingface", load_pretrained(str(spec)), None)
 
 
 def _biases_are_zero(model: GPT) -> bool:
