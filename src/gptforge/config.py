@@ -366,12 +366,9 @@ class Config:
 
     def save(self, path: str | Path) -> Path:
         """Write to_toml() to `path` atomically (temp file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(self.to_toml(), encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        from gptforge.io import atomic_write_text
+
+        return atomic_write_text(path, self.to_toml())
 
 
 SECTIONS = ("model", "data", "optim", "train")

@@ -300,8 +300,7 @@ def load(run_dir: str | os.PathLike, which: str = "latest", device: str = "auto"
     `run_dir` is a run directory or a checkpoint directory inside one; `device` is "auto"
     (cuda > mps > cpu), "cpu", "cuda" or "mps". Missing or damaged files raise GptforgeError.
     """
-    from gptforge.train.checkpoint import load_model, resolve_checkpoint, run_dir_of
-    from gptforge.train.runtime import autodetect_device
+    from gptforge.runs import load_model, resolve_checkpoint, run_dir_of
 
-    model, tokenizer, info = load_model(run_dir, which=which, device=autodetect_device(device))
+    model, tokenizer, info = load_model(run_dir, which=which, device=device)
     return Generator(model, tokenizer, info=info, run_dir=run_dir_of(resolve_checkpoint(run_dir, which)))

@@ -489,7 +489,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, which: st
     OUT must not exist or be empty, unless `force` (then it is replaced). Everything is written
     into a temporary directory beside OUT and renamed into place at the end, so a failure leaves
     no half-written OUT. Returns OUT."""
-    from gptforge.train.checkpoint import load_model, resolve_checkpoint, run_dir_of
+    from gptforge.runs import load_model, resolve_checkpoint, run_dir_of
 
     out = Path(os.path.abspath(Path(out_dir).expanduser()))  # "." has no name to put a temp dir beside
     run = Path(run_dir)
@@ -593,11 +593,11 @@ _TOKENIZER_TEXT = {
 
 def _losses(run: Path, step: Any, info: dict) -> tuple[Any, Any, bool]:
     """(train loss, val loss, measured by an evaluation) at the checkpoint's step."""
-    from gptforge.plot import iter_records
+    from gptforge.io import iter_jsonl
 
     path = run / "metrics.jsonl"
     if path.is_file() and step is not None:
-        evals = [r for _, r in iter_records(path) if r.get("kind") == "eval" and r.get("step") == step]
+        evals = [r for _, r in iter_jsonl(path) if r.get("kind") == "eval" and r.get("step") == step]
         if evals:
             return evals[-1].get("train_loss"), evals[-1].get("val_loss"), True
     return info.get("train_loss"), info.get("val_loss"), False

@@ -13,26 +13,13 @@ Matplotlib is used through its Agg canvas only: no pyplot, no global backend swi
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from gptforge.errors import GptforgeError
+from gptforge.io import iter_jsonl, write_atomically
 
-__all__ = ["iter_records", "plot_run", "plot_runs", "read_metrics"]
-
-
-def iter_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(line, record) for each JSON object in a metrics.jsonl; a line cut short by a kill is skipped."""
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            yield line, record
+__all__ = ["plot_run", "plot_runs", "read_metrics"]
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
@@ -46,7 +33,7 @@ def read_metrics(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
         raise GptforgeError(f"{path} not found; pass a run directory that gptforge train has logged into")
     by_step: dict[str, dict[Any, dict[str, Any]]] = {"train": {}, "eval": {}}
     events: list[dict[str, Any]] = []
-    for _, record in iter_records(path):
+    for _, record in iter_jsonl(path):
         kind = record.get("kind")
         if kind in by_step and isinstance(record.get("step"), (int, float)):
             by_step[kind][record["step"]] = record
@@ -124,12 +111,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, log_y: bool 
     fig.suptitle(f"{run_dir.resolve().name}: step {last['step']:,}"
                  + (f", {last['tokens']:,} tokens" if "tokens" in last else ""))
 
-    out = Path(out) if out is not None else run_dir / "loss.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, out)  # a reader (or a kill) never sees half a PNG
-    return out
+    # A reader (or a kill) never sees half a PNG.
+    return write_atomically(out if out is not None else run_dir / "loss.png",
+                            lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 X_AXES = {"steps": "step", "tokens": "tokens", "seconds": "elapsed_s"}
@@ -192,9 +176,4 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "seconds", *, lo
     """Overlay several runs' validation curves against steps, tokens or seconds (how recipes are
     compared) into the PNG `out`, and return its path."""
     fig = overlay_figure(runs, x, log_y=log_y)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, out)
-    return out
+    return write_atomically(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from gptforge.errors import GptforgeError
+from gptforge.io import atomic_write_text, write_atomically
 
 # Study-level user attribute holding everything a worker or a resumed sweep needs.
 _ATTR = "gptforge_sweep"
@@ -600,16 +601,17 @@ def format_table(rows: Sequence[TrialRow], keys: Sequence[str], markdown: bool =
 
 
 def _write_csv(path: Path, rows: Sequence[TrialRow], keys: Sequence[str]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["number", *keys, "val_loss", "steps", "time_s", "state", "reason"])
-        for r in rows:
-            w.writerow([r.number, *(r.params.get(k, "") for k in keys),
-                        "" if r.val_loss is None else f"{r.val_loss:.6f}",
-                        "" if r.steps is None else r.steps, "" if r.time_s is None else r.time_s,
-                        r.state, r.reason])
-    os.replace(tmp, path)
+    import io
+
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["number", *keys, "val_loss", "steps", "time_s", "state", "reason"])
+    for r in rows:
+        w.writerow([r.number, *(r.params.get(k, "") for k in keys),
+                    "" if r.val_loss is None else f"{r.val_loss:.6f}",
+                    "" if r.steps is None else r.steps, "" if r.time_s is None else r.time_s,
+                    r.state, r.reason])
+    write_atomically(path, lambda tmp: tmp.write_text(buf.getvalue(), encoding="utf-8", newline=""))
 
 
 def _write_best(sweep_dir: Path, settings: Mapping[str, Any], best: TrialRow) -> Path:
@@ -619,14 +621,10 @@ def _write_best(sweep_dir: Path, settings: Mapping[str, Any], best: TrialRow) ->
     overrides = [*settings["budget_overrides"], *(_override(k, v) for k, v in best.params.items())]
     cfg = load_config(sweep_dir / "base.toml", overrides)
     path = sweep_dir / "best.toml"
-    tmp = sweep_dir / "best.toml.tmp"
-    cfg.save(tmp)
     header = (f"# Best trial {best.number} of the sweep in {sweep_dir} (val loss {best.val_loss:.4f}):\n"
               + "".join(f"#   {k} = {_fmt(v)}\n" for k, v in best.params.items())
               + f"# Train it with: gptforge train --config {path}\n\n")
-    tmp.write_text(header + tmp.read_text(encoding="utf-8"), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, header + cfg.to_toml())
 
 
 # --------------------------------------------------------------------------------------------- plots

@@ -322,7 +322,7 @@ def export_space(
 
     import gptforge
     from gptforge.generate import load
-    from gptforge.train.checkpoint import resolve_checkpoint
+    from gptforge.runs import resolve_checkpoint
 
     gen = load(run_dir, which=which, device="cpu")  # fails early on a damaged run
     run = gen.run_dir

@@ -138,7 +138,7 @@ def test_mixed_precision_training_lowers_the_loss(config, tmp_path, dtype):
 def test_compile_matches_eager_and_saves_plain_weights(config, tmp_path):
     from safetensors import safe_open
 
-    from gptforge.train import checkpoint as ckpt
+    from gptforge import runs
     from gptforge.train.trainer import train
 
     common = ("train.dtype=bfloat16", "train.max_steps=8")
@@ -158,7 +158,7 @@ def test_compile_matches_eager_and_saves_plain_weights(config, tmp_path):
     saved = keys(tmp_path / "compiled")
     assert saved and not any("_orig_mod" in k for k in saved)
     assert saved == keys(tmp_path / "eager")
-    model, _, info = ckpt.load_model(tmp_path / "compiled", device="cpu")  # a plain GPT loads it strictly
+    model, _, info = runs.load_model(tmp_path / "compiled", device="cpu")  # a plain GPT loads it strictly
     assert isinstance(model, GPT) and info["step"] == 8
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from gptforge import runs
 from gptforge.data.tokenizers import build_tokenizer
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT
@@ -27,7 +28,7 @@ def run(tmp_path):
 def test_round_trip_from_run_or_checkpoint_dir(run):
     run_dir, model = run
     for path, which in ((run_dir, "latest"), (run_dir / "checkpoints" / "latest", "best")):
-        loaded, tok, info = ckpt.load_model(path, which=which)
+        loaded, tok, info = runs.load_model(path, which=which)
         assert info["step"] == 7 and info["val_loss"] == "nan" and tok.vocab_size == model.config.vocab_size
         for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
             assert torch.equal(a, b), name
@@ -40,7 +41,7 @@ def test_round_trip_from_run_or_checkpoint_dir(run):
 def test_save_replaces_latest_and_leaves_no_temporaries(run):
     run_dir, model = run
     ckpt.save_model(run_dir / "checkpoints" / "latest", model, {"step": 8})
-    assert ckpt.read_info(run_dir / "checkpoints" / "latest")["step"] == 8
+    assert runs.read_info(run_dir / "checkpoints" / "latest")["step"] == 8
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest"]
 
 
@@ -48,20 +49,20 @@ def test_a_kill_between_the_renames_falls_back_to_the_old_copy(run):
     run_dir, _ = run
     latest = run_dir / "checkpoints" / "latest"
     latest.rename(latest.with_name("latest.old"))  # what a kill after the first rename leaves
-    assert ckpt.load_model(run_dir)[2]["step"] == 7
+    assert runs.load_model(run_dir)[2]["step"] == 7
 
 
 def test_missing_and_damaged_files_are_clear_errors(run, tmp_path_factory):
     run_dir, _ = run
     latest = run_dir / "checkpoints" / "latest"
     with pytest.raises(GptforgeError, match="no 'best' checkpoint.*available: latest"):
-        ckpt.load_model(run_dir, which="best")
+        runs.load_model(run_dir, which="best")
     with pytest.raises(GptforgeError, match="does not exist"):
-        ckpt.load_model(tmp_path_factory.mktemp("x") / "nothing")
+        runs.load_model(tmp_path_factory.mktemp("x") / "nothing")
     data = (latest / ckpt.WEIGHTS).read_bytes()
     (latest / ckpt.WEIGHTS).write_bytes(data[: len(data) // 2])
     with pytest.raises(GptforgeError, match="damaged"):
-        ckpt.load_model(run_dir)
+        runs.load_model(run_dir)
     (latest / ckpt.STATE).write_bytes(b"not a torch file")
     with pytest.raises(GptforgeError, match="state.pt is damaged"):
         ckpt.load_state(latest)
@@ -74,7 +75,7 @@ def test_shape_mismatch_is_a_clear_error(run):
     cfg["n_embd"] *= 2
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(GptforgeError, match="does not fit the model"):
-        ckpt.load_model(run_dir)
+        runs.load_model(run_dir)
 
 
 def test_state_with_pickled_code_is_refused(run):
@@ -93,8 +94,8 @@ def test_a_save_that_dies_half_way_leaves_the_old_latest_intact(run, monkeypatch
     monkeypatch.setattr(torch, "save", die)
     with pytest.raises(KeyboardInterrupt):
         ckpt.save_model(run_dir / "checkpoints" / "latest", model, {"step": 9}, state={"x": torch.ones(1)})
-    assert ckpt.load_model(run_dir)[2]["step"] == 7
+    assert runs.load_model(run_dir)[2]["step"] == 7
     assert ckpt.load_state(run_dir / "checkpoints" / "latest")["trainer"]["step"] == 7
     monkeypatch.undo()
     ckpt.save_model(run_dir / "checkpoints" / "latest", model, {"step": 9}, state={"x": torch.ones(1)})
-    assert ckpt.read_info(run_dir / "checkpoints" / "latest")["step"] == 9  # the leftover temp dir is no obstacle
+    assert runs.read_info(run_dir / "checkpoints" / "latest")["step"] == 9  # the leftover temp dir is no obstacle

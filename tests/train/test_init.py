@@ -87,7 +87,7 @@ def test_init_mismatches_are_one_line_errors(tmp_path, shakespeare_text, hf_dir)
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_init_from_a_gptforge_run_keeps_its_weights_and_tokenizer(tmp_path, shakespeare_text, dtype):
-    from gptforge.train.checkpoint import load_model
+    from gptforge.runs import load_model
     from gptforge.train.runtime import autocast
     from gptforge.train.trainer import train
 

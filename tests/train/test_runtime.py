@@ -11,7 +11,6 @@ import torch
 from gptforge.errors import GptforgeError
 from gptforge.train.runtime import (
     autocast,
-    autodetect_device,
     cpu_has_bf16,
     grad_scaler,
     resolve_dtype,
@@ -23,11 +22,13 @@ from gptforge.train.runtime import (
 
 
 def test_device_and_dtype_resolution():
-    assert autodetect_device("cpu") == torch.device("cpu")
+    from gptforge.runs import pick_device
+
+    assert pick_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
-        assert autodetect_device("auto").type in ("cpu", "mps")
+        assert pick_device("auto").type in ("cpu", "mps")
         with pytest.raises(GptforgeError, match="no CUDA GPU"):
-            autodetect_device("cuda")
+            pick_device("cuda")
     cpu = torch.device("cpu")
     # auto is bf16 only on CPUs with bf16 matmul units (e.g. Zen 4), float32 elsewhere.
     assert resolve_dtype("auto", cpu) == (torch.bfloat16 if cpu_has_bf16() else torch.float32)

@@ -9,8 +9,7 @@ import signal
 import pytest
 import torch
 
-import gptforge
-from gptforge import cli
+from gptforge import cli, runs
 from gptforge.config import resume_config
 from gptforge.errors import GptforgeError
 from gptforge.train import checkpoint as ckpt
@@ -37,7 +36,7 @@ def test_loss_falls_and_run_dir_is_complete(tiny_config, tmp_path, read_metrics)
     assert names == ["best", "latest", "step-0000040"]  # keep_last=1 pruned step-0000020
     for f in ("model.safetensors", "model_config.json", "state.pt", "info.json"):
         assert (run / "checkpoints" / "latest" / f).is_file()
-    model, tok, info = ckpt.load_model(run)
+    model, tok, info = runs.load_model(run)
     assert info["step"] == 40 and info["train_loss"] == pytest.approx(losses[-1])
     assert model.config.vocab_size == tok.vocab_size and not model.training
 
@@ -58,7 +57,7 @@ def test_resume_is_exact(tiny_config, tmp_path, read_metrics, dtype):
               "train.eval_every=3", f"train.dtype={dtype}")
     train(tiny_config("train.max_steps=8", *common), tmp_path / "once")
     train(tiny_config("train.max_steps=4", *common), tmp_path / "twice")
-    result = gptforge.train(resume_config(tmp_path / "twice", ["train.max_steps=8"]), tmp_path / "twice", resume=True)
+    result = train(resume_config(tmp_path / "twice", ["train.max_steps=8"]), tmp_path / "twice", resume=True)
     assert result.step == 8
     once = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "once", "train")]
     twice = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "twice", "train")]
@@ -107,7 +106,7 @@ def test_ctrl_c_saves_latest_and_resume_continues(tiny_config, tmp_path, read_me
 
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(*common), run, eval_hook=press_ctrl_c)
-    assert ckpt.read_info(run / "checkpoints" / "latest")["step"] == 4
+    assert runs.read_info(run / "checkpoints" / "latest")["step"] == 4
     assert read_metrics(run, "event")[-1]["reason"] == "interrupted"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     train(resume_config(run), run, resume=True)
@@ -130,11 +129,11 @@ def test_cli_exits_130_on_sigterm_and_resumes(tiny_config, tmp_path, tiny_corpus
         cli.main(["train", "--out", str(run), f"data.corpus={tiny_corpus}", "data.tokenizer=char",
                   "model.preset=tiny", "model.n_layer=1", "train.max_steps=50", "train.batch_size=2"])
     assert e.value.code == 130
-    assert ckpt.read_info(run / "checkpoints" / "latest")["step"] == 2
+    assert runs.read_info(run / "checkpoints" / "latest")["step"] == 2
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     monkeypatch.setattr(Trainer, "train_step", real_step)
     cli.main(["train", "--resume", str(run), "train.max_steps=3"])
-    assert ckpt.read_info(run / "checkpoints" / "latest")["step"] == 3
+    assert runs.read_info(run / "checkpoints" / "latest")["step"] == 3
     with pytest.raises(SystemExit) as e:  # the model cannot change under a resumed run
         cli.main(["train", "--resume", str(run), "model.n_layer=2"])
     assert e.value.code == 2
@@ -152,8 +151,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path
     with pytest.raises(GptforgeError, match=r"became nan at step 5.*step 4"):
         train(tiny_config("train.max_steps=10", "train.checkpoint_every=2"), run)
     latest = run / "checkpoints" / "latest"
-    assert ckpt.read_info(latest)["step"] == 4
-    model, _, _ = ckpt.load_model(run)
+    assert runs.read_info(latest)["step"] == 4
+    model, _, _ = runs.load_model(run)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert read_metrics(run, "event")[-1]["reason"] == "nan"
 
@@ -177,7 +176,7 @@ def test_an_infinite_gradient_never_reaches_a_checkpoint(tiny_config, tmp_path, 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_inf_at_3)
     with pytest.raises(GptforgeError, match="gradient norm became inf at step 3"):
         train(tiny_config("train.max_steps=10", "train.checkpoint_every=1"), run)
-    assert ckpt.read_info(run / "checkpoints" / "latest")["step"] == 2
+    assert runs.read_info(run / "checkpoints" / "latest")["step"] == 2
 
 
 def test_eval_hook_exception_propagates_after_saving(tiny_config, tmp_path):
@@ -190,7 +189,7 @@ def test_eval_hook_exception_propagates_after_saving(tiny_config, tmp_path):
 
     with pytest.raises(Pruned):
         train(tiny_config("train.max_steps=10", "train.eval_every=2"), tmp_path / "run", eval_hook=prune)
-    assert ckpt.read_info(tmp_path / "run" / "checkpoints" / "latest")["step"] == 2
+    assert runs.read_info(tmp_path / "run" / "checkpoints" / "latest")["step"] == 2
 
 
 def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tiny_config, tmp_path):
@@ -259,7 +258,7 @@ def test_resume_and_eval_refuse_a_changed_corpus(tiny_config, tmp_path, tiny_cor
         message = str(e.value)
         assert f"the corpus of {run} changed: sha256 {identity['corpus_sha256'][:16]} when it was trained" in message
         assert "--init" in message and "\n" not in message
-    assert ckpt.read_info(run / "checkpoints" / "latest")["step"] == 3  # nothing was trained on it
+    assert runs.read_info(run / "checkpoints" / "latest")["step"] == 3  # nothing was trained on it
 
 
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_good_one(tiny_config, tmp_path):
@@ -294,7 +293,7 @@ def test_eval_cli_counts_every_token_but_the_first(tiny_config, tmp_path, capsys
     train(tiny_config("train.max_steps=2"), run)
     from gptforge.data.tokens import prepare
 
-    tok = ckpt.load_model(run)[1]
+    tok = runs.load_model(run)[1]
     cfg = resume_config(run)
     data = prepare(cfg.data.corpus, tokenizer=tok, val_fraction=cfg.data.val_fraction)
     cli.main(["eval", str(run), "--split", "val", "--checkpoint", "best"])

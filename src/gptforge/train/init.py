@@ -74,7 +74,7 @@ def load_init(spec: str) -> InitWeights:
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "checkpoints").is_dir() or (path / "model_config.json").is_file():
-            from gptforge.train.checkpoint import load_model
+            from gptforge.runs import load_model
 
             model, tokenizer, _ = load_model(path, which="latest", device="cpu")
             return InitWeights(str(spec), "gptforge", model, tokenizer)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from gptforge.errors import GptforgeError
-from gptforge.plot import iter_records
+from gptforge.io import atomic_write_json, atomic_write_text, iter_jsonl
 
 __all__ = ["MetricsLogger", "device_peak_flops", "gpu_peak_flops", "mfu"]
 
@@ -62,11 +62,9 @@ def _truncate_after(path: Path, resume_step: int) -> None:
     resumes from and will be written again. A line cut short by a kill is dropped too."""
     if not path.exists():
         return
-    kept = [line + "\n" for line, record in iter_records(path)
+    kept = [line + "\n" for line, record in iter_jsonl(path)
             if not (_is_number(record.get("step")) and record["step"] > resume_step)]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)  # atomic: a kill here leaves either the old file or the new one
+    atomic_write_text(path, "".join(kept))  # a kill here leaves either the old file or the new one
 
 
 class MetricsLogger:
@@ -417,10 +415,7 @@ def device_peak_flops(device: torch.device | str, dtype: torch.dtype) -> tuple[f
         entry = {"flops": flops, "n": n, "measured_at": time.time()}
         cached[machine] = entry
         try:  # a read-only cache only costs a re-measurement next time
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(cached, indent=1) + "\n", encoding="utf-8")
-            os.replace(tmp, path)
+            atomic_write_json(path, cached, indent=1)
         except OSError:
             pass
     age = _age(max(0.0, time.time() - float(entry["measured_at"])))

@@ -23,25 +23,9 @@ import torch
 import torch.distributed as dist
 
 from gptforge.errors import GptforgeError
+from gptforge.runs import pick_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def autodetect_device(preference: str = "auto") -> torch.device:
-    """`auto` picks cuda > mps > cpu; a named device must be available."""
-    if preference == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise GptforgeError("train.device = 'cuda' but torch sees no CUDA GPU; use train.device=auto or cpu")
-    if preference == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise GptforgeError("train.device = 'mps' but MPS is not available; use train.device=auto or cpu")
-    if preference not in ("cpu", "cuda", "mps"):
-        raise GptforgeError(f"train.device = {preference!r} is invalid; allowed: 'auto', 'cpu', 'cuda', 'mps'")
-    return torch.device(preference)
 
 
 CPU_BF16_ENV = "GPTFORGE_CPU_BF16"
@@ -139,7 +123,7 @@ def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = autodetect_device(device)
+    dev = pick_device(device)
     if world_size > 1:
         if dev.type == "cuda":
             if local_rank >= torch.cuda.device_count():

@@ -35,8 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from gptforge import runs
 from gptforge.config import Config, load_config
 from gptforge.errors import GptforgeError
+from gptforge.io import atomic_write_text
 from gptforge.train import checkpoint as ckpt
 from gptforge.train.optim import configure_optimizer, lr_at, set_lr
 from gptforge.train.runtime import (
@@ -675,7 +677,7 @@ class Trainer:
         if resume:
             if not has_checkpoint and (self.run_dir / "config.toml").is_file():
                 return False  # killed before its first checkpoint: start it again (see __init__)
-            ckpt.resolve_checkpoint(self.run_dir, "latest")  # clear error when there is none
+            runs.resolve_checkpoint(self.run_dir, "latest")  # clear error when there is none
         elif has_checkpoint:
             raise GptforgeError(f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir}, "
                                 "or pick another --out")
@@ -701,8 +703,8 @@ class Trainer:
                        block_size=self.block_size)
 
     def _load_latest(self) -> None:
-        latest = ckpt.resolve_checkpoint(self.run_dir, "latest")
-        ckpt.load_weights(self.raw_model, latest, self.rt.device)
+        latest = runs.resolve_checkpoint(self.run_dir, "latest")
+        runs.load_weights(self.raw_model, latest, self.rt.device)
         # On the CPU: RNG states must be CPU tensors; optimizer.load_state_dict moves its state to the weights.
         self.load_state_dict(ckpt.load_state(latest, map_location="cpu"))
 
@@ -743,7 +745,7 @@ def save_data_identity(run_dir: Path, data: Any) -> None:
     identity = {"corpus_sha256": m["source_sha256"], "tokenizer_sha256": _dir_sha256(run_dir / "tokenizer"),
                 "tokenizer": m["tokenizer"], "sources": m.get("sources"), "train_tokens": m["train_tokens"],
                 "val_tokens": m["val_tokens"]}
-    ckpt.atomic_write_text(run_dir / DATA_IDENTITY, json.dumps(identity, indent=2) + "\n")
+    atomic_write_text(run_dir / DATA_IDENTITY, json.dumps(identity, indent=2) + "\n")
 
 
 def check_data_identity(run_dir: Path, data: Any) -> None:
@@ -825,11 +827,11 @@ def evaluate_run(run: str | Path, split: str = "val", which: str = "latest", dev
     if split not in ("train", "val"):
         raise GptforgeError(f"split {split!r} is unknown; use 'train' or 'val'")
     run = Path(run)
-    path = ckpt.resolve_checkpoint(run, which)
-    run_dir = ckpt.run_dir_of(path)
+    path = runs.resolve_checkpoint(run, which)
+    run_dir = runs.run_dir_of(path)
     config = load_config(run_dir / "config.toml")
     rt = setup_runtime(device, dtype)
-    model, tokenizer, info = ckpt.load_model(path, device=rt.device)
+    model, tokenizer, info = runs.load_model(path, device=rt.device)
     d = config.data
     data = prepare(d.corpus, tokenizer=tokenizer, val_fraction=d.val_fraction,
                    bpe_vocab_size=d.bpe_vocab_size if d.tokenizer == "bpe" else None)
