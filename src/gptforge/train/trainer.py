@@ -27,7 +27,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -478,18 +478,15 @@ class Trainer:
         return reason
 
     def _estimate_loss(self, tokens: np.ndarray, seed: int) -> float:
+        """The mean over `eval_batches` random windows drawn from a fixed seed (the same windows at
+        every evaluation)."""
         from gptforge.data.tokens import BatchSampler
 
         t = self.config.train
         sampler = BatchSampler(tokens, t.batch_size, self.block_size, mode="random", seed=seed,
                                rank=self.rt.rank, world_size=self.world)
-        total = torch.zeros((), dtype=torch.float32, device=self.rt.device)
-        for _ in range(t.eval_batches):
-            x, y = sampler.next_batch()
-            with self.eval_rt.autocast():
-                _, loss = self.eval_model(x.to(self.rt.device), y.to(self.rt.device))
-            total += loss.float()
-        return float(_sum_over_ranks(self.rt, [float(total)])[0]) / (t.eval_batches * self.world)
+        batches = (sampler.next_batch() for _ in range(t.eval_batches))
+        return mean_loss(self.eval_model, batches, self.eval_rt)[0]
 
     def _stop_on_nan(self, what: str, value: float, step: int) -> None:
         latest = self.run_dir / ckpt.CHECKPOINTS / "latest"
@@ -775,19 +772,32 @@ def check_data_identity(run_dir: Path, data: Any) -> None:
 
 
 @torch.no_grad()
-def split_loss(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_size: int, rt: Runtime,
-               rank: int = 0, world_size: int = 1) -> tuple[float, int]:
-    """Exact mean cross-entropy over a whole split: windows of block_size with stride block_size,
-    so every token but the first is predicted exactly once. Returns (mean loss, tokens counted).
+def mean_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], rt: Runtime
+              ) -> tuple[float, int]:
+    """The one mean cross-entropy of evaluation: (loss, tokens) over every target != -1 of every (x, y)
+    batch, token-weighted, summed over ranks under DDP. The periodic estimate, the train_full stop
+    metric and `gptforge eval` all go through it, in whatever precision `rt` says (float32 for all three)."""
+    loss_sum, tokens_counted = 0.0, 0
+    for x, y in batches:
+        count = int((y != -1).sum())
+        with rt.autocast():
+            _, loss = model(x.to(rt.device), y.to(rt.device))
+        loss_sum += float(loss) * count  # float64 on the host: exact enough for millions of tokens
+        tokens_counted += count
+    loss_sum, tokens_counted = _sum_over_ranks(rt, [loss_sum, tokens_counted]).tolist()
+    return loss_sum / tokens_counted, int(tokens_counted)
 
-    The last window is shorter; its missing targets are -1 (ignored). Under DDP each rank takes
-    every world_size-th window and the sums are all-reduced."""
+
+def split_windows(tokens: np.ndarray, block_size: int, batch_size: int, rank: int = 0, world_size: int = 1
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A whole split as batches of windows of block_size with stride block_size, so every token but the
+    first is predicted exactly once. The last window is shorter: its missing targets are -1 (ignored).
+    Under DDP each rank takes every world_size-th window."""
     n = len(tokens)
     if n < 2:
         raise GptforgeError(f"a split of {n} token(s) has nothing to predict; give more text")
     num_windows = math.ceil((n - 1) / block_size)
     mine = list(range(rank, num_windows, world_size))
-    loss_sum, tokens_counted = 0.0, 0
     for b in range(0, len(mine), batch_size):
         windows = mine[b:b + batch_size]
         x = torch.zeros((len(windows), block_size), dtype=torch.int64)
@@ -798,13 +808,13 @@ def split_loss(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batc
             length = len(chunk) - 1
             x[row, :length] = chunk[:-1]
             y[row, :length] = chunk[1:]
-        count = int((y != -1).sum())
-        with rt.autocast():
-            _, loss = model(x.to(rt.device), y.to(rt.device))
-        loss_sum += float(loss) * count  # float64 on the host: exact enough for millions of tokens
-        tokens_counted += count
-    loss_sum, tokens_counted = _sum_over_ranks(rt, [loss_sum, tokens_counted]).tolist()
-    return loss_sum / tokens_counted, int(tokens_counted)
+        yield x, y
+
+
+def split_loss(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_size: int, rt: Runtime,
+               rank: int = 0, world_size: int = 1) -> tuple[float, int]:
+    """Exact mean cross-entropy over a whole split (see split_windows). Returns (mean loss, tokens)."""
+    return mean_loss(model, split_windows(tokens, block_size, batch_size, rank, world_size), rt)
 
 
 def _sum_over_ranks(rt: Runtime, values: list[float]) -> torch.Tensor:
