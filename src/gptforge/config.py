@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,9 +31,6 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from gptforge.errors import GptforgeError
-
-# Fields of GPTConfig a run may override on top of its preset (vocab_size comes from the tokenizer).
-MODEL_OVERRIDES = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "tie_embeddings")
 
 
 @dataclass
@@ -56,9 +52,20 @@ class ModelConfig:
     tie_embeddings: bool | None = None
     """Share the token embedding with the output head (default: the preset's)."""
 
-    def overrides(self) -> dict[str, Any]:
-        """The GPTConfig fields this config sets explicitly."""
-        return {k: getattr(self, k) for k in MODEL_OVERRIDES if getattr(self, k) is not None}
+    def shape(self) -> dict[str, Any]:
+        """Every model field (vocab_size aside): the set ones, the preset's for the others. Raises
+        GptforgeError when they do not fit together (n_head must divide n_embd)."""
+        presets = _model_presets()
+        fields = [f.name for f in dataclasses.fields(self) if f.name != "preset"]
+        shape = {**presets[self.preset], **{k: getattr(self, k) for k in fields if getattr(self, k) is not None}}
+        if shape["n_embd"] % shape["n_head"]:
+            raise GptforgeError(
+                f"model.n_embd = {shape['n_embd']} is not divisible by model.n_head = {shape['n_head']} "
+                f"(what is unset comes from preset {self.preset!r}); set both to fit")
+        from gptforge.model import GPTConfig
+
+        defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+        return {k: shape.get(k, defaults[k]) for k in fields}
 
     def validate(self) -> None:
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
@@ -69,30 +76,9 @@ class ModelConfig:
             raise GptforgeError(f"model.dropout = {self.dropout} is invalid; it must be in [0, 1)")
         if self.n_head is not None and self.n_embd is not None and self.n_embd % self.n_head:
             raise GptforgeError(f"model.n_embd = {self.n_embd} is not divisible by model.n_head = {self.n_head}")
-        presets = _model_presets()
-        if presets is not None and self.preset not in presets:
-            raise GptforgeError(f"model.preset = {self.preset!r} is unknown; choose one of {', '.join(sorted(presets))}")
-
-    def check_against_preset(self) -> None:
-        """The shape the preset and the set fields make together must be valid (e.g. n_head dividing
-        n_embd when only one of them is set): caught here, before any data is prepared."""
-        presets = _model_presets()
-        if presets is None:
-            return
-        shape = {**presets[self.preset], **self.overrides()}
-        if shape["n_embd"] % shape["n_head"]:
-            raise GptforgeError(
-                f"model.n_embd = {shape['n_embd']} is not divisible by model.n_head = {shape['n_head']} "
-                f"(the unset one comes from preset {self.preset!r}); set both to fit")
-
-    def block_size_resolved(self) -> int | None:
-        """The context length this config ends up with (override, else the preset's)."""
-        if self.block_size is not None:
-            return self.block_size
-        presets = _model_presets()
-        if presets is None or self.preset not in presets:
-            return None
-        return int(presets[self.preset].get("block_size", 0)) or None
+        if self.preset not in _model_presets():
+            raise GptforgeError(f"model.preset = {self.preset!r} is unknown; "
+                                f"choose one of {', '.join(sorted(_model_presets()))}")
 
 
 @dataclass
@@ -282,75 +268,25 @@ class Config:
             raise GptforgeError("train.stop_metric = 'val' needs a validation split; set data.val_fraction > 0 "
                                 "or train.stop_metric = 'train_full'")
         if not self.train.init:  # with init, the unset model fields come from the weights
-            self.model.check_against_preset()
-        if self.optim.schedule != "constant" and self.decay_steps() is None and self.train.max_time is None:
+            self.model.shape()
+        lengths = (self.optim.decay_steps, t.max_steps, t.max_tokens, t.max_time)
+        if self.optim.schedule != "constant" and all(v is None for v in lengths):
             raise GptforgeError(f"optim.schedule = {self.optim.schedule!r} needs a length: set optim.decay_steps, "
                                 "train.max_steps, train.max_tokens or train.max_time (or use optim.schedule = 'constant')")
-        self.grad_accum_steps()  # divisibility of tokens_per_update, for this process's world size
-
-    # ---- derived values
-
-    def world_size(self) -> int:
-        """Processes in this run: torchrun's WORLD_SIZE, else 1."""
-        try:
-            return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-        except ValueError:
-            return 1
-
-    def grad_accum_steps(self, world_size: int | None = None) -> int:
-        """Micro-batches per update, from grad_accum_steps or tokens_per_update (checked for divisibility)."""
-        t, world = self.train, world_size or self.world_size()
-        block = self.model.block_size_resolved()
-        if t.tokens_per_update is None:
-            return t.grad_accum_steps or 1
-        if block is None:  # preset unknown here (model module missing): checked again by the trainer
-            return t.grad_accum_steps or 1
-        per_micro = t.batch_size * block * world
-        if t.tokens_per_update % per_micro:
-            raise GptforgeError(
-                f"train.tokens_per_update = {t.tokens_per_update} is not a multiple of batch_size * block_size * "
-                f"world_size = {t.batch_size} * {block} * {world} = {per_micro}; choose a multiple of {per_micro}")
-        accum = t.tokens_per_update // per_micro
-        if t.grad_accum_steps is not None and t.grad_accum_steps != accum:
-            raise GptforgeError(
-                f"train.grad_accum_steps = {t.grad_accum_steps} contradicts train.tokens_per_update = "
-                f"{t.tokens_per_update} (which gives {accum} with {world} process(es)); set only one of them")
-        return accum
-
-    def tokens_per_update(self, world_size: int | None = None) -> int | None:
-        """Tokens per optimizer update over all processes (None while the block size is unknown)."""
-        world = world_size or self.world_size()
-        block = self.model.block_size_resolved()
-        if block is None:
-            return self.train.tokens_per_update
-        return self.train.batch_size * block * world * self.grad_accum_steps(world)
-
-    def sized_by_time(self) -> bool:
-        """Whether the schedule's length comes from train.max_time: the run measures its speed and sizes
-        the schedule to end with the budget (see the trainer), as nothing else gives a length."""
-        return self.optim.schedule != "constant" and self.decay_steps() is None and self.train.max_time is not None
-
-    def decay_steps(self, world_size: int | None = None) -> int | None:
-        """Length of the LR schedule in updates: optim.decay_steps, train.max_steps, or from max_tokens
-        (None when only train.max_time bounds the run: the trainer sizes it then)."""
-        if self.optim.decay_steps is not None:
-            return self.optim.decay_steps
-        if self.train.max_steps is not None:
-            return self.train.max_steps
-        if self.train.max_tokens is not None:
-            tpu = self.tokens_per_update(world_size)
-            if tpu:
-                return max(1, math.ceil(self.train.max_tokens / tpu))
-        return None
+        if t.grad_accum_steps is not None and t.tokens_per_update is not None:
+            raise GptforgeError(f"train.grad_accum_steps = {t.grad_accum_steps} and train.tokens_per_update = "
+                                f"{t.tokens_per_update} are both set; set only one of them (the other is derived)")
 
     # ---- serialisation
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
-    def to_toml(self) -> str:
-        """Every section and field, with its docstring as a comment; unset fields as comments."""
+    def to_toml(self, notes: typing.Sequence[str] = ()) -> str:
+        """Every section and field, with its docstring as a comment; unset fields as comments; `notes`
+        as comment lines after the header (e.g. what a run derived from this config)."""
         lines = ["# gptforge run configuration (defaults < TOML file < command-line overrides)"]
+        lines += [f"# {note}" for note in notes]
         for name in SECTIONS:
             section = getattr(self, name)
             lines += ["", f"[{name}]"]
@@ -364,11 +300,11 @@ class Config:
                     lines.append(f"{f.name} = {_toml_value(value)}" + (f"  # {doc}" if doc else ""))
         return "\n".join(lines) + "\n"
 
-    def save(self, path: str | Path) -> Path:
-        """Write to_toml() to `path` atomically (temp file + rename)."""
+    def save(self, path: str | Path, notes: typing.Sequence[str] = ()) -> Path:
+        """Write to_toml(notes) to `path` atomically (temp file + rename)."""
         from gptforge.io import atomic_write_text
 
-        return atomic_write_text(path, self.to_toml())
+        return atomic_write_text(path, self.to_toml(notes))
 
 
 SECTIONS = ("model", "data", "optim", "train")
@@ -471,11 +407,9 @@ def field_docs(cls: type) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _model_presets() -> dict[str, dict] | None:
-    try:
-        from gptforge.model import PRESETS
-    except ImportError:  # the model module is optional for parsing a config
-        return None
+def _model_presets() -> dict[str, dict]:
+    from gptforge.model import PRESETS
+
     return PRESETS
 
 

@@ -19,7 +19,6 @@ run interrupted at step N and resumed computes the same updates as one that neve
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
@@ -41,6 +40,7 @@ from gptforge.errors import GptforgeError
 from gptforge.io import atomic_write_text
 from gptforge.train import checkpoint as ckpt
 from gptforge.train.optim import configure_optimizer, lr_at, set_lr
+from gptforge.train.plan import RunPlan, plan_run
 from gptforge.train.runtime import (
     Runtime,
     grad_scaler,
@@ -88,7 +88,7 @@ class Trainer:
     def __init__(self, config: Config, out_dir: str | Path, resume: bool = False,
                  eval_hook: EvalHook | None = None) -> None:
         from gptforge.data.tokens import BatchSampler
-        from gptforge.model import GPT, GPTConfig
+        from gptforge.model import GPT
 
         self.run_dir = Path(out_dir)
         # A run killed before its first checkpoint has only its config: --resume starts it again from
@@ -96,31 +96,23 @@ class Trainer:
         has_checkpoint = self._check_run_dir(resume)
         self.restarted = resume and not has_checkpoint
         resume = resume and not self.restarted
-        # train.init first: the architecture (and a run's tokenizer) come from the weights, and
-        # everything derived from the shapes below (tokens per update, schedule length) needs them.
-        self.init = None
-        if config.train.init and not resume:
-            from gptforge.train.init import prepare_init
-
-            config, self.init = prepare_init(config)
-        if not resume:
-            config = _frozen(config)
-        self.config, self.eval_hook = config, eval_hook
-        t, m = config.train, config.model
-
-        self.rt: Runtime = setup_runtime(t.device, t.dtype)
+        self.rt: Runtime = setup_runtime(config.train.device, config.train.dtype)
+        # Everything derived from the config (the init weights' shapes, the update size, the schedule's
+        # length, absolute corpus paths) is resolved here, once, before any data is prepared.
+        self.plan: RunPlan = plan_run(config, world_size=self.rt.world_size, resume=resume)
+        self.config, self.eval_hook, self.init = self.plan.config, eval_hook, self.plan.init
+        config, t = self.config, self.config.train
         # Evaluation runs in float32 whatever the training precision, as `gptforge eval` does, so a
         # logged loss (and a stop_at_loss decision) is the number `gptforge eval` reproduces.
         self.eval_rt: Runtime = dataclasses.replace(self.rt, dtype=torch.float32)
         self.world = self.rt.world_size
-        self.accum = config.grad_accum_steps(self.world)
+        self.accum = self.plan.grad_accum_steps
+        self.tokens_per_update = self.plan.tokens_per_update
+        self.total_steps = self.plan.schedule_steps
+        self.block_size = block_size = self.plan.block_size
 
         # Data first: the tokenizer fixes the vocabulary size. Rank 0 prepares (or reuses) the token
         # files while the others wait, then they read the same cache.
-        block_size = m.block_size_resolved()
-        if block_size is None:
-            block_size = GPTConfig.from_preset(m.preset).block_size
-        self.block_size = block_size
         if self.rt.is_main:
             self.data = self._prepare_data(resume)
         self.rt.barrier()
@@ -129,13 +121,10 @@ class Trainer:
         if resume or self.restarted:
             check_data_identity(self.run_dir, self.data)
         self.tokenizer = self.data.tokenizer
-        self.tokens_per_update = t.batch_size * block_size * self.world * self.accum
-        self.total_steps = config.decay_steps(self.world)
 
         # The model is built from the same seed on every rank (DDP also broadcasts rank 0's weights).
         seed_everything(t.seed)
-        gpt_config = GPTConfig.from_preset(m.preset, vocab_size=self.tokenizer.vocab_size, **m.overrides())
-        self.raw_model = GPT(gpt_config).to(self.rt.device)
+        self.raw_model = GPT(self.plan.gpt_config(self.tokenizer.vocab_size)).to(self.rt.device)
         self.optimizer = configure_optimizer(self.raw_model, config.optim, self.rt.device)
         self.scaler = grad_scaler(self.rt.device, self.rt.dtype)
         self.sampler = BatchSampler(self.data.train, t.batch_size, block_size, mode=config.data.sampling,
@@ -166,7 +155,7 @@ class Trainer:
         self._stop_event: dict[str, Any] | None = None
         self._flops_per_token, self._peak_flops = 0.0, None
         # train.max_time alone: the schedule's length is measured, not given (see _size_schedule).
-        self._sizing = config.sized_by_time()
+        self._sizing = self.plan.sized_by_time
         self._size_from: tuple[int, float] | None = None  # (step, elapsed) where the speed is measured from
         self._clock_start = 0.0  # perf_counter() at which self.elapsed_start was the elapsed time
         self._last_eval_s = self._last_checkpoint_s = 0.0  # how long the last evaluation / save took
@@ -196,7 +185,7 @@ class Trainer:
                                  resume_step=self.step if (resume or self.restarted) else None)
         if self.rt.is_main and not resume:
             if not self.restarted:  # a restart runs the config saved when the run began
-                config.save(self.run_dir / "config.toml")
+                self.plan.save(self.run_dir / "config.toml")
             if not self.restarted or not (self.run_dir / "tokenizer").is_dir():
                 self.tokenizer.save(self.run_dir / "tokenizer")
             if not self.restarted or not (self.run_dir / DATA_IDENTITY).is_file():
@@ -590,12 +579,12 @@ class Trainer:
         if self.rt.distributed:  # rank 0's decision for every rank
             total = int(self.rt.all_reduce_sum(torch.tensor(
                 [total if self.rt.is_main else 0], dtype=torch.float64, device=self.rt.device)).item())
+        self.plan.size_schedule(total)
         self.total_steps = total
-        self.config.optim.decay_steps = self.config.train.max_steps = total
         self._sizing = False
         self.log.set_total_steps(total)
         if self.rt.is_main:
-            self.config.save(self.run_dir / "config.toml")
+            self.plan.save(self.run_dir / "config.toml")
         self.log.event("schedule_sized", step=self.step, updates=total, budget_s=t.max_time,
                        update_s=round(step_s, 4), eval_s=round(eval_s, 3), checkpoint_s=round(checkpoint_s, 3))
         return stopped_by
@@ -709,21 +698,6 @@ class Trainer:
 # --------------------------------------------------------------------------------------------- run set-up
 
 DATA_IDENTITY = "data.json"
-
-
-def _frozen(config: Config) -> Config:
-    """A fresh run's config with what must not change on resume written out: the schedule's length
-    (resuming with a larger train.max_steps continues the same schedule instead of reshaping it) and
-    the corpus paths made absolute (so they mean the same files from any working directory)."""
-    config = copy.deepcopy(config)
-    if config.optim.decay_steps is None and config.optim.schedule == "cosine":
-        config.optim.decay_steps = config.decay_steps()
-    corpus = config.data.corpus
-    specs = [corpus] if isinstance(corpus, str) else list(corpus)
-    specs = [str(Path(c).expanduser().resolve()) if c != "-" and Path(c).expanduser().exists() else c
-             for c in specs]
-    config.data.corpus = specs[0] if isinstance(corpus, str) else specs
-    return config
 
 
 def _dir_sha256(directory: Path) -> str:
