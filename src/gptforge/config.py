@@ -340,21 +340,13 @@ def build_config(values: dict[str, dict[str, Any]]) -> Config:
     """A validated Config from {section: {field: value}} (missing fields take their defaults)."""
     sections = {}
     for name in SECTIONS:
-        cls = _SECTION_TYPES[name]
         given = dict(values.get(name, {}))
         for key in given:
-            _field_type(name, key)
+            _field_type(name, key)  # unknown key -> error naming the allowed ones
         if name == "train" and not given.keys() & {"max_steps", "max_tokens", "max_time", "stop_at_loss"}:
             given["max_steps"] = 1000  # the default stop, unless the run names its own
-        sections[name] = cls.__new__(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            setattr(sections[name], f.name, given.get(f.name, default))
-    cfg = Config.__new__(Config)
-    for name in SECTIONS:
-        setattr(cfg, name, sections[name])
-    cfg.__post_init__()
-    return cfg
+        sections[name] = _SECTION_TYPES[name](**given)
+    return Config(**sections)  # __post_init__ checks every type and value
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:
