@@ -36,9 +36,14 @@ import torch
 
 from gptforge import runs
 from gptforge.config import Config, load_config
+from gptforge.data.tokenizers import load_tokenizer
+from gptforge.data.tokens import BatchSampler, prepare
 from gptforge.errors import GptforgeError
+from gptforge.generate import Generator  # samples written while training (train.sample_every)
 from gptforge.io import atomic_write_text
+from gptforge.model import GPT
 from gptforge.train import checkpoint as ckpt
+from gptforge.train.metrics import MetricsLogger, device_peak_flops, mfu
 from gptforge.train.optim import configure_optimizer, lr_at, set_lr
 from gptforge.train.plan import RunPlan, plan_run
 from gptforge.train.runtime import (
@@ -87,9 +92,6 @@ class Trainer:
 
     def __init__(self, config: Config, out_dir: str | Path, resume: bool = False,
                  eval_hook: EvalHook | None = None) -> None:
-        from gptforge.data.tokens import BatchSampler
-        from gptforge.model import GPT
-
         self.run_dir = Path(out_dir)
         # A run killed before its first checkpoint has only its config: --resume starts it again from
         # step 0 with that config, so a restart loop on a preemptible machine always gets somewhere.
@@ -177,8 +179,6 @@ class Trainer:
 
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
             self.model = DDP(self.model, device_ids=ids)
-
-        from gptforge.train.metrics import MetricsLogger
 
         self.log = MetricsLogger(self.run_dir, total_steps=t.max_steps, enabled=self.rt.is_main,
                                  tensorboard=t.tensorboard,
@@ -331,8 +331,6 @@ class Trainer:
     def write_sample(self) -> str:
         """A short sample from train.sample_prompt, with a fixed seed so samples compare across the run
         (console and RUN/samples.jsonl, rank 0). Its own RNG and eval mode: the training is unchanged."""
-        from gptforge.generate import Generator
-
         t = self.config.train
         settings = {"temperature": 0.8, "top_k": 40, "seed": t.seed}
         text = ""
@@ -469,8 +467,6 @@ class Trainer:
     def _estimate_loss(self, tokens: np.ndarray, seed: int) -> float:
         """The mean over `eval_batches` random windows drawn from a fixed seed (the same windows at
         every evaluation)."""
-        from gptforge.data.tokens import BatchSampler
-
         t = self.config.train
         sampler = BatchSampler(tokens, t.batch_size, self.block_size, mode="random", seed=seed,
                                rank=self.rt.rank, world_size=self.world)
@@ -606,15 +602,11 @@ class Trainer:
         if self.config.data.sampling == "sequential":
             fields["epoch"] = self.batches.state_dict()["epoch"]
         if self._peak_flops and tps is not None:
-            from gptforge.train.metrics import mfu
-
             fields["mfu"] = mfu(self._flops_per_token, tps / self.world, self._peak_flops)
         self.log.log_train(self.step, **fields)
         self._last_logged_step = self.step
 
     def _log_start(self) -> None:
-        from gptforge.train.metrics import device_peak_flops
-
         self._flops_per_token = float(self.raw_model.flops_per_token())
         peak_source = "unknown"
         if self.rt.is_main:
@@ -673,14 +665,10 @@ class Trainer:
         return has_checkpoint
 
     def _prepare_data(self, resume: bool):
-        from gptforge.data.tokens import prepare
-
         d = self.config.data
         tokenizer: Any = d.tokenizer
         if resume or (self.run_dir / "tokenizer").is_dir():
             # The saved tokenizer, so a char/bpe vocabulary is never rebuilt differently.
-            from gptforge.data.tokenizers import load_tokenizer
-
             tokenizer = load_tokenizer(self.run_dir / "tokenizer")
         elif self.init is not None and self.init.tokenizer is not None:
             tokenizer = self.init.tokenizer  # fine-tuning a gptforge run keeps its vocabulary
@@ -806,8 +794,6 @@ def evaluate_run(run: str | Path, split: str = "val", which: str = "latest", dev
 
     float32 by default, so the number does not depend on the precision the run trained in.
     Returns {"split", "loss", "tokens", "checkpoint", "step"}."""
-    from gptforge.data.tokens import prepare
-
     if split not in ("train", "val"):
         raise GptforgeError(f"split {split!r} is unknown; use 'train' or 'val'")
     run = Path(run)
