@@ -270,3 +270,25 @@ def test_chunked_loss_makes_no_gradients_under_no_grad():
     assert eval_flops == 2 * n * c * v  # the logits only
     assert train_flops >= 2 * eval_flops  # and grad_x (grad_w's in-place addmm_ is not counted)
     assert eval_loss == train_loss
+
+
+@pytest.mark.parametrize("scale", [1.0, 60.0])  # ordinary logits, and logits so large that most probabilities underflow
+def test_bf16_chunked_loss_matches_autocast_cross_entropy(scale):
+    """The 16-bit path (softmax in the 16-bit kernel, log-sum-exp from the max probability) gives the
+    loss and gradients of F.cross_entropy over the same bf16 logits, to bf16 precision, and stays finite
+    where target probabilities underflow."""
+    g = torch.Generator().manual_seed(3)
+    x = (scale * torch.randn(300, 32, generator=g)).requires_grad_()
+    w = torch.randn(130, 32, generator=g).div_(32**0.5).requires_grad_()
+    t = torch.randint(0, 100, (300,), generator=g)
+    t[:7] = -1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_cross_entropy(x, w, t, vocab_size=100, chunk=64)
+        logits = (x @ w.t())[:, :100]  # bf16, as autocast makes them
+    ref = F.cross_entropy(logits.float(), t, ignore_index=-1)
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    rx, rw = torch.autograd.grad(ref, (x, w))
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(ref.item(), rel=2e-3, abs=2e-3)
+    for ours, theirs in ((gx, rx), (gw, rw)):
+        assert (ours - theirs).abs().max().item() <= 2e-2 * theirs.abs().max().item()
