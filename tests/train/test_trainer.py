@@ -461,7 +461,8 @@ def test_a_time_budget_sizes_the_schedule_and_resume_keeps_it(tiny_config, tmp_p
     assert frozen.optim.decay_steps == frozen.train.max_steps == total > sized["step"] >= 4
     assert sized["update_s"] > 0 and sized["budget_s"] == 4
 
-    result = train(resume_config(run), run, resume=True)
+    # A generous max_time for the rest: the frozen length must end the run, however busy this machine is.
+    result = train(resume_config(run, ["train.max_time=600"]), run, resume=True)
     assert result.step == total and result.stopped_by == "max_steps"
     records = read_metrics(run, "train")
     assert [r["step"] for r in records] == list(range(1, total + 1))
@@ -527,3 +528,27 @@ def test_samples_are_written_at_each_evaluation_without_changing_the_training(ti
           tmp_path / "every3")
     every3 = [json.loads(line) for line in (tmp_path / "every3" / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in every3] == [3, 4] and every3[1]["text"] == samples[0]["text"]
+
+
+def test_a_budget_run_that_slows_down_moves_its_end_before_the_cool_down(tiny_config, tmp_path, read_metrics,
+                                                                        monkeypatch):
+    """A wsd budget run whose updates get several times slower after the sizing (another job took the
+    CPU) shortens its stable phase at the next log step, so the cool-down still fits the budget."""
+    import time as clock
+
+    real_step = Trainer.train_step
+
+    def slower_once_sized(self):
+        if self._sized_at is not None or self.plan.schedule_steps is not None:
+            clock.sleep(0.03)
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", slower_once_sized)
+    run = tmp_path / "run"
+    train(tiny_config("train.max_steps=none", "train.max_time=4", "optim.schedule=wsd", "train.log_every=5",
+                      "train.eval_every=100000", "train.checkpoint_every=100000"), run)
+    events = read_metrics(run, "event")
+    sized = next(e for e in events if e["event"] == "schedule_sized")
+    resized = [e for e in events if e["event"] == "schedule_resized"]
+    assert resized and resized[0]["was"] == sized["updates"] and resized[0]["updates"] < sized["updates"]
+    assert resume_config(run).train.max_steps == resized[-1]["updates"]  # saved: a resume keeps the new end

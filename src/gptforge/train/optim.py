@@ -111,6 +111,12 @@ def set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
 
 
+def cooldown_start(cfg: OptimConfig, total_steps: int) -> int:
+    """The first update of a "wsd" schedule's cool-down (until then the LR does not depend on
+    total_steps, so a time budget may still move the end)."""
+    return max(cfg.warmup_steps, total_steps - max(1, round(cfg.cooldown_fraction * total_steps)))
+
+
 def lr_at(step: int, cfg: OptimConfig, total_steps: int | None) -> float:
     """Learning rate for optimizer update `step` (0-based). Every schedule warms up linearly from
     lr/warmup to lr over warmup_steps; then
@@ -126,8 +132,7 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int | None) -> float:
     if step >= total_steps:
         return cfg.min_lr
     if cfg.schedule == "wsd":
-        cooldown = max(1, round(cfg.cooldown_fraction * total_steps))
-        decay_start = max(cfg.warmup_steps, total_steps - cooldown)
+        decay_start = cooldown_start(cfg, total_steps)
         if step < decay_start:
             return cfg.lr
         done = (step - decay_start + 1) / (total_steps - decay_start)  # (0, 1], 1 on the last update

@@ -162,6 +162,7 @@ class Trainer:
         self._clock_start = 0.0  # perf_counter() at which self.elapsed_start was the elapsed time
         self._last_eval_s = self._last_checkpoint_s = 0.0  # how long the last evaluation / save took
         self._last_sample_step = -1
+        self._sized_at: tuple[int, float] | None = None  # (step, elapsed) when a wsd budget run was sized
 
         if resume:
             self._load_latest()
@@ -251,6 +252,8 @@ class Trainer:
                     self._size_from = (self.step, self.elapsed)
                 elif size_now and not stopped_by:
                     stopped_by = self._size_schedule()
+                elif self._sized_at is not None and not stopped_by:
+                    self._resize_schedule()
                 if stopped_by:
                     break
             if last is not None and self._last_logged_step != self.step:
@@ -583,7 +586,37 @@ class Trainer:
             self.plan.save(self.run_dir / "config.toml")
         self.log.event("schedule_sized", step=self.step, updates=total, budget_s=t.max_time,
                        update_s=round(step_s, 4), eval_s=round(eval_s, 3), checkpoint_s=round(checkpoint_s, 3))
+        if self.config.optim.schedule == "wsd":  # its end may still move, until the cool-down begins
+            self._sized_at = (self.step, self.elapsed)
         return stopped_by
+
+    def _resize_schedule(self) -> None:
+        """A wsd budget run whose machine got slower (or faster) since it was sized: before the cool-down
+        begins, move the end so the run still finishes with the budget. The seconds per update are
+        measured since the sizing, evaluations and checkpoints included; the end moves when it would
+        miss the budget by more than 5% of what is left, and RUN/config.toml is saved again."""
+        from gptforge.train.optim import cooldown_start
+
+        t, o = self.config.train, self.config.optim
+        step0, elapsed0 = self._sized_at  # type: ignore[misc]
+        if self.step >= cooldown_start(o, self.total_steps) or self.step <= step0:  # type: ignore[arg-type]
+            self._sized_at = None  # cooling down: the end is fixed now
+            return
+        per_update = (self.elapsed - elapsed0) / (self.step - step0)
+        remaining = 0.98 * t.max_time - self.elapsed - self._last_eval_s - self._last_checkpoint_s  # type: ignore[operator]
+        total = self.step + max(1, math.floor(remaining / per_update))
+        if self.rt.distributed:  # rank 0's decision for every rank
+            total = int(self.rt.all_reduce_sum(torch.tensor(
+                [total if self.rt.is_main else 0], dtype=torch.float64, device=self.rt.device)).item())
+        if abs(total - self.total_steps) <= 0.05 * (self.total_steps - self.step):  # type: ignore[operator]
+            return
+        self.log.event("schedule_resized", step=self.step, updates=total, was=self.total_steps,
+                       update_s=round(per_update, 4))
+        self.plan.size_schedule(total)
+        self.total_steps = total
+        self.log.set_total_steps(total)
+        if self.rt.is_main:
+            self.plan.save(self.run_dir / "config.toml")
 
     def _synchronize(self) -> None:
         if self.rt.device.type == "cuda":
