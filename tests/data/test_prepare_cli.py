@@ -12,7 +12,7 @@ import pytest
 from gptforge.cli import main
 from gptforge.data.corpus import CORPORA, NamedCorpus, cache_dir
 from gptforge.data.tokenizers import load_tokenizer
-from gptforge.data.tokens import read_tokens
+from gptforge.data.tokens import load_prepared
 
 
 def run_ok(capsys, *argv: str) -> str:
@@ -39,6 +39,7 @@ def test_gpt2_summary_then_cache_reuse(capsys, data_dir, tmp_path):
     out = run_ok(capsys, "--corpus", "tinyshakespeare", "--tokenizer", "gpt2")
     assert "338,025" in out and "vocabulary 50,257" in out and "1,115,394" in out
     assert "304,223 train, 33,802 validation (uint16)" in out and "prepared" in out
+    assert "1 document\n" in out and "the last 33,802 tokens (cut inside a document)" in out
     assert str(cache_dir() / "tokens") in out
     assert "reused" in run_ok(capsys, "--corpus", "tinyshakespeare", "--tokenizer", "gpt2")
 
@@ -47,7 +48,7 @@ def test_char_summary(capsys, data_dir, tmp_path):
     out = run_ok(capsys, "--tokenizer", "char", "--out", str(tmp_path / "char"))
     assert "vocabulary 65" in out and "(65 distinct)" in out and "1,115,394:" in out
     assert str(tmp_path / "char") in out
-    assert len(read_tokens(tmp_path / "char" / "train.bin")) == 1_003_855
+    assert len(load_prepared(tmp_path / "char").train) == 1_003_855
 
 
 def test_bpe_trains_saves_reloads_and_round_trips(capsys, data_dir, tmp_path, shakespeare_text):
@@ -56,8 +57,8 @@ def test_bpe_trains_saves_reloads_and_round_trips(capsys, data_dir, tmp_path, sh
     assert "tokenizer   bpe, vocabulary 2,000" in out
     tok = load_tokenizer(out_dir / "tokenizer")
     assert tok.vocab_size == 2000
-    train, val = read_tokens(out_dir / "train.bin"), read_tokens(out_dir / "val.bin")
-    assert tok.decode(train.tolist()) + tok.decode(val.tolist()) == shakespeare_text
+    data = load_prepared(out_dir)
+    assert tok.decode(data.train.tolist()) + tok.decode(data.val.tolist()) == shakespeare_text
 
 
 def test_several_sources_and_stdin(capsys, tmp_path, monkeypatch):
@@ -78,7 +79,8 @@ def test_help_explains_every_option(capsys):
         main(["prepare", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--corpus", "--tokenizer", "--bpe-vocab-size", "--val-fraction", "--block-size", "--out"):
+    for option in ("--corpus", "--tokenizer", "--bpe-vocab-size", "--val-fraction", "--block-size", "--out",
+                   "--text-field", "--val-tokens", "--bpe-sample-bytes", "--workers", ".jsonl", ".parquet"):
         assert option in text
     assert text.count("default") >= 5
 

@@ -60,13 +60,15 @@ def test_prepare_gpt2_shakespeare(data_dir):
     assert (m["train_tokens"], m["val_tokens"]) == (338_025 - 33_802, 33_802)  # val = last 10%
     assert m["source_sha256"].startswith("86c4e6aa9db7") and m["characters"] == 1_115_394
     assert len(data.train) == m["train_tokens"] and len(data.val) == m["val_tokens"]
-    assert isinstance(data.train, np.memmap) and not data.reused
+    assert isinstance(data.train, np.memmap) and not data.reused  # one shard: the memory map itself
     # The split is at the end: train + val is the one-shot encoding, in order.
     text = load_corpus("tinyshakespeare").text
     ids = data.tokenizer.encode(text)
     assert data.train[:50].tolist() == ids[:50] and data.val[-50:].tolist() == ids[-50:]
-    assert sorted(p.name for p in data.dir.iterdir()) == ["meta.json", "tokenizer", "train.bin", "val.bin"]
+    assert sorted(p.name for p in data.dir.iterdir()) == ["meta.json", "shards", "tokenizer"]
     assert json.loads((data.dir / "meta.json").read_text()) == m
+    assert m["shards"] == [{"file": "shards/00000.bin", "tokens": 338_025, "documents": 1}]
+    assert m["documents"] == 1 and m["val_split"] == {"by": "tokens", "documents": 0}  # one document: cut
 
 
 def test_cache_reuse_and_invalidation(tmp_path):
@@ -119,10 +121,10 @@ def test_out_dir_is_rewritten_when_meta_does_not_match(tmp_path):
     data = prepare(str(b), tokenizer="char", out=out)
     assert not data.reused and data.meta["source_sha256"] == load_corpus(str(b)).sha256
     assert data.tokenizer.decode(data.train[:4].tolist()) == "xyz "
-    assert (out / "val.bin").exists()
+    assert data.val is not None and data.meta["val_tokens"] == 120
     no_val = prepare(str(b), tokenizer="char", out=out, val_fraction=0)
-    assert not no_val.reused and no_val.val is None
-    assert not (out / "val.bin").exists()  # a stale validation split is not left beside the new one
+    assert not no_val.reused and no_val.val is None and no_val.meta["val_tokens"] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "shards", "tokenizer"]  # nothing stale
 
 
 def test_interrupted_or_damaged_prepare_is_not_trusted(tmp_path, monkeypatch):
@@ -130,26 +132,25 @@ def test_interrupted_or_damaged_prepare_is_not_trusted(tmp_path, monkeypatch):
     src.write_text("hello world, " * 200, encoding="utf-8")
     out = tmp_path / "out"
 
-    # A crash while writing val.bin: an error, and nothing left that a later run would trust.
-    real_write = tokens_mod.write_tokens
+    # A crash while finishing a shard: an error, and nothing left that a later run would trust.
+    real_finish = tokens_mod._ShardWriter.finish
 
-    def crash_on_val(path, *args, **kwargs):
-        if path.name == "val.bin":
-            raise OSError(28, "No space left on device")
-        return real_write(path, *args, **kwargs)
+    def disk_full(self, chunk_end):
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(tokens_mod, "write_tokens", crash_on_val)
+    monkeypatch.setattr(tokens_mod._ShardWriter, "finish", disk_full)
     with pytest.raises(GptforgeError, match="No space left on device"):
         prepare(str(src), tokenizer="char", out=out)
     assert not out.exists()
-    monkeypatch.setattr(tokens_mod, "write_tokens", real_write)
+    monkeypatch.setattr(tokens_mod._ShardWriter, "finish", real_finish)
 
     data = prepare(str(src), tokenizer="char", out=out)
     (out / "meta.json").unlink()  # as if killed before the last rename
     assert not prepare(str(src), tokenizer="char", out=out).reused
     data = prepare(str(src), tokenizer="char", out=out)
     assert data.reused
-    (out / "train.bin").write_bytes((out / "train.bin").read_bytes()[:-2])  # truncated
+    shard = out / "shards" / "00000.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])  # truncated
     again = prepare(str(src), tokenizer="char", out=out)
     assert not again.reused and len(again.train) == again.meta["train_tokens"]
 
@@ -159,7 +160,6 @@ def test_val_fraction_zero_and_validation(tmp_path):
     src.write_text("some text " * 100, encoding="utf-8")
     data = prepare(str(src), tokenizer="char", val_fraction=0, out=tmp_path / "o")
     assert data.val is None and data.meta["val_tokens"] == 0 and len(data.train) == 1000
-    assert not (tmp_path / "o" / "val.bin").exists()
     for bad in (1.0, -0.1, 1.5):
         with pytest.raises(GptforgeError, match="val_fraction .* out of range"):
             prepare(str(src), tokenizer="char", val_fraction=bad)
