@@ -427,6 +427,8 @@ def _read_jsonl(path: Path, label: str, text_field: str, gz: bool):
                     pos = raw.tell()
                     yield obj[text_field], pos - last
                     last = pos
+                if raw.tell() > last:
+                    yield None, raw.tell() - last  # blank lines at the end: still input read
             except (OSError, EOFError, zlib.error) as e:
                 raise GptforgeError(f"{label} is not a readable gzip file ({e or type(e).__name__}) after "
                                     f"line {lineno}; check the file") from None

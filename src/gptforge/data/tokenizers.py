@@ -245,8 +245,20 @@ class BPETokenizer(Tokenizer):
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
         # Tokenizers trained before the end-of-text token existed have none.
         self.eot_id = hf_tokenizer.token_to_id(GPT2_EOT)
-        # Not saved in tokenizer.json: match special tokens' text as ordinary text, always.
-        hf_tokenizer.encode_special_tokens = True
+        self._literal = None  # a copy that reads special tokens' text as ordinary text (made on demand)
+
+    def _for(self, text: str):
+        """The Hugging Face tokenizer for `text`: the copy with encode_special_tokens (not saved in
+        tokenizer.json; ~30% slower) only for text that holds a special token's characters."""
+        if self.eot_id is None or GPT2_EOT not in text:
+            return self.hf
+        if self._literal is None:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            literal = HFTokenizer.from_str(self.hf.to_str())
+            literal.encode_special_tokens = True
+            self._literal = literal
+        return self._literal
 
     @classmethod
     def train(cls, text: str, vocab_size: int | None = None) -> BPETokenizer:
@@ -275,10 +287,15 @@ class BPETokenizer(Tokenizer):
         return cls(hf)
 
     def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+        return self._for(text).encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+        texts = list(texts)
+        out = [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        for i, t in enumerate(texts):
+            if self._for(t) is not self.hf:
+                out[i] = self.encode(t)
+        return out
 
     def encode_batch_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
         if _threads() > 1:

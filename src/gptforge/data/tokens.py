@@ -315,7 +315,8 @@ _IN_PROCESS_BYTES = 16 << 20  # smaller corpora are encoded without starting wor
 class _Chunk:
     texts: list[str]
     eot_before: list[bool]   # an end-of-text token goes before this text (a new document, not the first)
-    doc_start: list[bool]    # this text starts a document
+    doc_start: list[bool]    # this text starts a document (after its separator newline, if it has one)
+    lead: list[int]          # 1 where a separator newline was put before the text (char), else 0
     nbytes: int              # input bytes it came from (the progress bar counts these)
 
 
@@ -323,22 +324,26 @@ def _chunks(stream: CorpusStream, eot: bool):
     """The corpus as chunks of about CHUNK_CHARS. The same input always gives the same chunks, so a
     resumed prepare can skip what finished shards hold. Without an end-of-text token (char), a
     newline goes between documents where one does not already end in one."""
-    texts, eots, starts, size, nbytes = [], [], [], 0, 0
+    texts, eots, starts, leads, size, nbytes = [], [], [], [], 0, 0
     first, last_char = True, "\n"
     for text, new_doc, consumed in stream.pieces():
         nbytes += consumed
         if text:
-            if new_doc and not first and not eot and last_char != "\n":
-                text = "\n" + text  # the separator belongs to the new document's first piece
+            lead = int(new_doc and not first and not eot and last_char != "\n")
+            if lead:
+                # The separator travels with the new document's first piece, but the document (and
+                # a validation split of whole documents) starts after it.
+                text = "\n" + text
             texts.append(text)
+            leads.append(lead)
             eots.append(eot and new_doc and not first)
             starts.append(new_doc)
             first, last_char, size = False, text[-1], size + len(text)
         if size >= CHUNK_CHARS:
-            yield _Chunk(texts, eots, starts, nbytes)
-            texts, eots, starts, size, nbytes = [], [], [], 0, 0
+            yield _Chunk(texts, eots, starts, leads, nbytes)
+            texts, eots, starts, leads, size, nbytes = [], [], [], [], 0, 0
     if texts or nbytes:
-        yield _Chunk(texts, eots, starts, nbytes)
+        yield _Chunk(texts, eots, starts, leads, nbytes)
 
 
 def _codepoints(text: str) -> np.ndarray:
@@ -361,17 +366,19 @@ def _worker_init(tokenizer_dir: str, dtype: str) -> None:
     _WORKER.update(tok=load_tokenizer(tokenizer_dir), dtype=np.dtype(dtype))
 
 
-def _encode_chunk(texts: list[str], eot_before: list[bool], doc_start: list[bool]):
+def _encode_chunk(texts: list[str], eot_before: list[bool], doc_start: list[bool], leads: list[int]):
     """(tokens, document starts, characters, distinct code points) of one chunk."""
     tok, dtype = _WORKER["tok"], _WORKER["dtype"]
     parts, docs, pos = [], [], 0
     eot = np.array([tok.eot_id if tok.eot_id is not None else 0], dtype=dtype)
-    for ids, sep, start in zip(tok.encode_batch_arrays(texts), eot_before, doc_start, strict=True):
+    for ids, sep, start, lead in zip(tok.encode_batch_arrays(texts), eot_before, doc_start, leads, strict=True):
         if sep:
             parts.append(eot)
             pos += 1
         if start:
-            docs.append(pos)
+            # A char corpus joins documents with a newline put before the new one's text: one
+            # character, one token, not part of the document.
+            docs.append(pos + lead)
         parts.append(ids.astype(dtype, copy=False))
         pos += len(ids)
     chars = sum(len(t) for t in texts)
@@ -417,9 +424,10 @@ def _encode_all(stream: CorpusStream, tok: Tokenizer, work: Path, request: str, 
                 if ci < skip:
                     continue
                 if executor is None:
-                    writer.add(*_encode_chunk(chunk.texts, chunk.eot_before, chunk.doc_start), ci)
+                    writer.add(*_encode_chunk(chunk.texts, chunk.eot_before, chunk.doc_start, chunk.lead), ci)
                     continue
-                pending.append((ci, executor.submit(_encode_chunk, chunk.texts, chunk.eot_before, chunk.doc_start)))
+                pending.append((ci, executor.submit(_encode_chunk, chunk.texts, chunk.eot_before, chunk.doc_start,
+                                                    chunk.lead)))
                 while len(pending) > 2 * workers:  # bounded: the reader never runs far ahead
                     i, fut = pending.popleft()
                     writer.add(*fut.result(), i)

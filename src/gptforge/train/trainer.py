@@ -487,7 +487,7 @@ class Trainer:
             tokenizer = self.init.tokenizer  # fine-tuning a gptforge run keeps its vocabulary
         return prepare(d.corpus, tokenizer=tokenizer, val_fraction=d.val_fraction,
                        bpe_vocab_size=d.bpe_vocab_size if d.tokenizer == "bpe" else None,
-                       block_size=self.block_size)
+                       block_size=self.block_size, **d.prepare_options())
 
     def _load_latest(self) -> None:
         latest = ckpt.resolve_checkpoint(self.run_dir, "latest")
@@ -558,7 +558,7 @@ def evaluate_run(run: str | Path, split: str = "val", which: str = "latest", dev
     model, tokenizer, info = ckpt.load_model(path, device=rt.device)
     d = config.data
     data = prepare(d.corpus, tokenizer=tokenizer, val_fraction=d.val_fraction,
-                   bpe_vocab_size=d.bpe_vocab_size if d.tokenizer == "bpe" else None)
+                   bpe_vocab_size=d.bpe_vocab_size if d.tokenizer == "bpe" else None, **d.prepare_options())
     tokens = data.train if split == "train" else data.val
     if tokens is None:
         raise GptforgeError(f"{run_dir} was trained without a validation split (data.val_fraction = 0); "
