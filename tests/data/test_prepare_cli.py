@@ -252,3 +252,13 @@ def test_damaged_shards(capsys, tmp_path, out):
     shard.write_bytes(b"GPTFTOK\x00 junk")
     with pytest.raises(GptforgeError, match="token file .*00000.bin is truncated"):
         load_prepared(out)
+
+
+def test_hub_dataset_offline_is_one_clear_error(capsys, out, monkeypatch, data_dir):
+    # Streaming from the Hub needs the internet (not tested here); offline it fails cleanly.
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    err = run_error(capsys, "--corpus", "hf:someone/no-such-dataset", "--out", str(out))
+    assert "cannot stream hf:someone/no-such-dataset from the Hugging Face Hub" in err
+    assert_nothing_left(out)

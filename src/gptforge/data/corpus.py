@@ -519,8 +519,14 @@ def _read_hub(src: Source, text_field: str):
     name, _, config = src.path.partition(":")
     try:
         ds = datasets.load_dataset(name, config or None, split=src.split or "train", streaming=True)
-        texts = ((row.get(text_field), 0) for row in ds)
-        yield from _documents(texts, src.name, text_field)
+        def texts():
+            for row in ds:
+                if text_field not in row:
+                    raise GptforgeError(f"{src.name} has no field {text_field!r} (fields: {', '.join(row)}); "
+                                        "name the text field with --text-field")
+                yield row[text_field], 0
+
+        yield from _documents(texts(), src.name, text_field)
     except GptforgeError:
         raise
     except Exception as e:  # network and Hub errors come in many kinds
