@@ -1,6 +1,7 @@
 # The README's commands. Each target creates .venv and installs what it needs when missing.
 #   make demo    train the CPU default on Tiny Shakespeare, plot it, print samples
 #   make test    run the test suite (offline; uses GPTFORGE_DATA_DIR when set)
+#   make test-other-cpu-dtype   the trainer tests with the other CPU precision path forced (CI runs it)
 #   make bench   run the benchmarks and rewrite docs/benchmarks.md
 #
 # TORCH=cpu (default on a machine without nvidia-smi) installs torch==$(TORCH_VERSION), the CPU build.
@@ -16,7 +17,7 @@ else
 TORCH_REQ := torch==$(TORCH_VERSION)
 endif
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-other-cpu-dtype lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +39,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The trainer tests again with train.dtype=auto taking the CPU path this CPU would not take by itself
+# (bf16 on an AVX2-only CPU, emulated and slow but fine at test sizes; float32 on one with AVX-512 BF16).
+test-other-cpu-dtype: setup
+	GPTFORGE_CPU_BF16=$$(grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null && echo 0 || echo 1) $(PY) -m pytest -q tests/train
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -84,6 +84,21 @@ def test_int_given_for_a_float_field_becomes_a_float():
      r"tokens_per_update = 1000 is not a multiple of .* = 256"),
     (["model.block_size=64", "train.batch_size=4", "train.tokens_per_update=512", "train.grad_accum_steps=3"],
      r"grad_accum_steps = 3 contradicts"),
+    # Bad values that used to pass (nan compares false with every bound) or fail late with a traceback.
+    (["train.seed=-1"], r"train.seed = -1 is invalid; it must be an integer in \[0, 2\*\*63\)"),
+    (["optim.lr=nan"], r"optim.lr = nan is invalid; it must be a finite number"),
+    (["optim.lr=inf"], r"optim.lr = inf is invalid; it must be a finite number"),
+    (["optim.min_lr=nan"], r"optim.min_lr = nan is invalid; it must be a finite number"),
+    (["optim.weight_decay=nan"], r"optim.weight_decay = nan is invalid; it must be a finite number"),
+    (["optim.grad_clip=nan"], r"optim.grad_clip = nan is invalid; it must be a finite number"),
+    (["optim.beta1=nan"], r"optim.beta1 = nan is invalid; it must be a finite number"),
+    (["optim.beta2=-inf"], r"optim.beta2 = -inf is invalid; it must be a finite number"),
+    (["optim.lr=1e-4", "optim.min_lr=1e-3"], r"optim.min_lr = 0.001 is above optim.lr = 0.0001"),
+    (["data.corpus="], r"data.corpus is empty; name a corpus"),
+    (['data.corpus=["a.txt", " "]'], r"data.corpus is empty; name a corpus"),
+    (["model.preset=tiny", "model.n_head=3"],
+     r"model.n_embd = 64 is not divisible by model.n_head = 3 \(the unset one comes from preset 'tiny'\)"),
+    (["model.preset=tiny", "model.n_embd=99"], r"model.n_embd = 99 is not divisible by model.n_head = 2"),
 ])
 def test_errors_name_the_field_and_the_allowed_values(overrides, message):
     with pytest.raises(GptforgeError, match=message):
@@ -112,7 +127,7 @@ def test_toml_errors(tmp_path):
 
 
 def test_saved_config_loads_back_identically(tmp_path):
-    cfg = load_config(None, ["data.corpus=[\"a b.txt\", \"c.txt\"]", "optim.lr=1e-30", "train.max_time=3.5",
+    cfg = load_config(None, ["data.corpus=[\"a b.txt\", \"c.txt\"]", "optim.lr=1e-30", "optim.min_lr=0", "train.max_time=3.5",
                              "train.max_steps=none", "train.stop_at_loss=0.25", "model.n_layer=3", "optim.decay_steps=100",
                              "train.init=runs/x"])
     path = cfg.save(tmp_path / "run" / "config.toml")
@@ -149,3 +164,17 @@ def test_cli_takes_overrides_in_both_forms():
     assert args.overrides == ["optim.lr=1e-3"] and args.option_overrides == ["train.max_steps=5", "model.preset=tiny"]
     cfg = load_config(None, [*args.overrides, *args.option_overrides])
     assert (cfg.optim.lr, cfg.train.max_steps, cfg.model.preset) == (1e-3, 5, "tiny")
+
+
+@pytest.mark.parametrize("override", ["train.seed=-1", "optim.lr=nan", "data.corpus=", "model.n_head=5",
+                                      "optim.min_lr=1"])
+def test_bad_config_values_stop_the_cli_before_anything_is_written(tmp_path, monkeypatch, capsys, override):
+    """One line on stderr, exit 2, no run directory and no prepared data."""
+    from gptforge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--out", str(tmp_path / "run"), "model.preset=tiny", override])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("gptforge: error: ") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []

@@ -285,6 +285,8 @@ def _damaged_copy(tiny_run, tmp_path, how: str):
         (["--top-p", "1.5"], "top-p"),
         (["--prompt", "ROMEO ☃"], "☃"),
         (["--prompt-file", "/nonexistent/prompt.txt"], "prompt file"),
+        # `--prompt $'RO\xffMEO'`: Python hands argv bytes that are not UTF-8 over as lone surrogates.
+        (["--prompt", b"RO\xffMEO".decode("utf-8", "surrogateescape")], "the prompt is not valid UTF-8"),
     ],
 )
 def test_cli_bad_settings_exit_2_with_one_line(tiny_run, capsys, args, message):

@@ -386,3 +386,26 @@ def test_chunked_cross_entropy_function_and_bf16():
     assert abs(lb.item() - rb.item()) <= 0.05 * rb.item()
     with torch.no_grad():  # evaluation: no gradients computed, same value
         assert abs(chunked_cross_entropy(x, w, t, 33, 9).item() - ref.item()) <= 1e-5
+
+
+def test_chunked_loss_makes_no_gradients_under_no_grad():
+    """Evaluation (torch.no_grad) pays only for the logits: one matmul per chunk, not the three that
+    training needs, although the weight requires grad. Counted with torch's own FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    n, c, v = 64, 16, 128
+    x = torch.randn(n, c, requires_grad=True)
+    w = torch.randn(v, c, requires_grad=True)
+    t = torch.randint(0, v, (n,))
+
+    def flops(grad: bool) -> tuple[int, float]:
+        with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(grad):
+            loss = chunked_cross_entropy(x, w, t, vocab_size=v, chunk=16)
+        return counter.get_total_flops(), loss.item()
+
+    eval_flops, eval_loss = flops(False)
+    train_flops, train_loss = flops(True)
+    assert eval_flops == 2 * n * c * v  # the logits only
+    assert train_flops >= 2 * eval_flops  # and grad_x (grad_w's in-place addmm_ is not counted)
+    assert eval_loss == train_loss

@@ -73,6 +73,7 @@ tokenizer = "char"
 
 [optim]
 lr = 1e-2
+min_lr = 1e-7  # below every lr the sweep tries: min_lr > lr is refused
 warmup_steps = 0
 
 [train]

@@ -151,10 +151,19 @@ def _run_train(args: argparse.Namespace) -> None:
     else:
         out = args.out or str(Path("runs") / (Path(args.config).stem if args.config else "default"))
         result = train(load_config(args.config, args.overrides), out)
-    val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
-    train_loss = "n/a" if result.train_loss is None else f"{result.train_loss:.4f}"
-    print0(f"stopped by {result.stopped_by} at step {result.step:,} ({result.tokens:,} tokens): "
-           f"train loss {train_loss}, val loss {val}; run in {result.run_dir}")
+    print0(summary_line(result))
+
+
+def summary_line(result) -> str:
+    """The run's last line: eval-mode losses side by side (like with like), the last update's loss
+    named as what it is."""
+    def fmt(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.4f}"
+
+    line = (f"stopped by {result.stopped_by} at step {result.step:,} ({result.tokens:,} tokens): "
+            f"train {fmt(result.eval_train_loss)}, val {fmt(result.val_loss)} at the last evaluation "
+            f"(eval mode, float32); last update's loss {fmt(result.train_loss)} (dropout on)")
+    return f"{line}; run in {result.run_dir}"
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -247,6 +256,11 @@ def _run_generate(args: argparse.Namespace) -> None:
         except (OSError, UnicodeDecodeError) as e:
             raise GptforgeError(f"cannot read prompt file {args.prompt_file!r} ({e.__class__.__name__}); "
                                 "pass a readable UTF-8 text file") from None
+    try:  # bytes of the command line that are not UTF-8 arrive as lone surrogates
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GptforgeError(f"the prompt is not valid UTF-8 (a stray byte at character {e.start}); pass UTF-8 "
+                            "text, or use --prompt-file") from None
     gen = load(args.run, which=args.checkpoint, device=args.device)
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, num_samples=args.num_samples,

@@ -73,6 +73,18 @@ class ModelConfig:
         if presets is not None and self.preset not in presets:
             raise GptforgeError(f"model.preset = {self.preset!r} is unknown; choose one of {', '.join(sorted(presets))}")
 
+    def check_against_preset(self) -> None:
+        """The shape the preset and the set fields make together must be valid (e.g. n_head dividing
+        n_embd when only one of them is set): caught here, before any data is prepared."""
+        presets = _model_presets()
+        if presets is None:
+            return
+        shape = {**presets[self.preset], **self.overrides()}
+        if shape["n_embd"] % shape["n_head"]:
+            raise GptforgeError(
+                f"model.n_embd = {shape['n_embd']} is not divisible by model.n_head = {shape['n_head']} "
+                f"(the unset one comes from preset {self.preset!r}); set both to fit")
+
     def block_size_resolved(self) -> int | None:
         """The context length this config ends up with (override, else the preset's)."""
         if self.block_size is not None:
@@ -118,6 +130,9 @@ class DataConfig:
                 raise GptforgeError(f"data.{name} = {value} is invalid; it must be a positive integer (or unset)")
         if isinstance(self.corpus, list) and not self.corpus:
             raise GptforgeError("data.corpus is an empty list; name at least one corpus, file or directory")
+        for spec in self.corpus if isinstance(self.corpus, list) else [self.corpus]:
+            if not spec.strip():
+                raise GptforgeError("data.corpus is empty; name a corpus (tinyshakespeare), a file or a directory")
         if not 0.0 <= self.val_fraction < 1.0:
             raise GptforgeError(f"data.val_fraction = {self.val_fraction} is invalid; it must be in [0, 1)")
         if self.bpe_vocab_size is not None and self.bpe_vocab_size < 2:
@@ -160,6 +175,9 @@ class OptimConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise GptforgeError(f"optim.{name} = {getattr(self, name)} is invalid; it must be in [0, 1)")
+        if self.schedule == "cosine" and self.min_lr > self.lr:
+            raise GptforgeError(f"optim.min_lr = {self.min_lr} is above optim.lr = {self.lr}; the schedule decays "
+                                "from lr down to min_lr, so set min_lr <= lr")
         if self.warmup_steps < 0:
             raise GptforgeError(f"optim.warmup_steps = {self.warmup_steps} is invalid; it must be >= 0")
         if self.decay_steps is not None and self.decay_steps < 1:
@@ -222,6 +240,8 @@ class TrainConfig:
             raise GptforgeError(f"train.max_time = {self.max_time} is invalid; it must be > 0 seconds (or unset)")
         if self.stop_at_loss is not None and not (math.isfinite(self.stop_at_loss) and self.stop_at_loss >= 0):
             raise GptforgeError(f"train.stop_at_loss = {self.stop_at_loss} is invalid; it must be a loss >= 0")
+        if not 0 <= self.seed < 2**63:
+            raise GptforgeError(f"train.seed = {self.seed} is invalid; it must be an integer in [0, 2**63)")
         if self.keep_last < 0:
             raise GptforgeError(f"train.keep_last = {self.keep_last} is invalid; it must be >= 0")
         if all(getattr(self, n) is None for n in ("max_steps", "max_tokens", "max_time", "stop_at_loss")):
@@ -252,6 +272,8 @@ class Config:
                 and self.data.val_tokens is None):
             raise GptforgeError("train.stop_metric = 'val' needs a validation split; set data.val_fraction > 0 "
                                 "or train.stop_metric = 'train_full'")
+        if not self.train.init:  # with init, the unset model fields come from the weights
+            self.model.check_against_preset()
         if self.optim.schedule == "cosine" and self.decay_steps() is None:
             raise GptforgeError("optim.schedule = 'cosine' needs a length: set optim.decay_steps, train.max_steps "
                                 "or train.max_tokens (or use optim.schedule = 'constant')")
@@ -487,6 +509,8 @@ def _check_types(section: str, obj: Any) -> None:
             elif arg is int and isinstance(value, int) and not isinstance(value, bool):
                 ok = True
             elif arg is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if not math.isfinite(value):  # nan compares false with every bound: reject it by name
+                    raise GptforgeError(f"{section}.{f.name} = {value} is invalid; it must be a finite number")
                 setattr(obj, f.name, float(value))
                 ok = True
             elif arg is str and isinstance(value, str):

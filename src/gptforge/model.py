@@ -249,12 +249,15 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size: int, chunk: int, compute_dtype: torch.dtype):
+    def forward(ctx, x, weight, targets, vocab_size: int, chunk: int, compute_dtype: torch.dtype,
+                grad_enabled: bool):
         # x: (N, C), weight: (Vp, C), targets: (N,) with -1 = ignore
         with torch.autocast(x.device.type, enabled=False):
             xc, wc = x.to(compute_dtype), weight.to(compute_dtype)
             valid = targets != -1
-            need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+            # needs_input_grad is true for a weight that requires grad even under torch.no_grad()
+            # (evaluation): the gradients are made here, eagerly, so only when backward can use them.
+            need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
             if need_grad:
                 grad_x = torch.empty_like(xc)  # (N, C)
                 grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)  # (Vp, C)
@@ -294,7 +297,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         scale = grad_out.to(torch.float32) / denom
         gx = (grad_x.float() * scale).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         gw = (grad_w * scale).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
-        return gx, gw, None, None, None, None
+        return gx, gw, None, None, None, None, None
 
 
 def chunked_cross_entropy(
@@ -305,7 +308,9 @@ def chunked_cross_entropy(
     x: (N, C); weight: (padded_vocab, C); targets: (N,). Under autocast the matmuls run in the
     autocast dtype and the softmax in float32, as autocast would do for the plain version.
     """
-    return _ChunkedLMHeadLoss.apply(x, weight, targets, vocab_size, chunk, _compute_dtype(x))
+    # Grad mode is always off inside an autograd.Function's forward: read it here.
+    return _ChunkedLMHeadLoss.apply(x, weight, targets, vocab_size, chunk, _compute_dtype(x),
+                                    torch.is_grad_enabled())
 
 
 # ----------------------------------------------------------------------------------------- GPT

@@ -276,6 +276,15 @@ def test_source_hashes_are_remembered_for_big_files(tmp_path, monkeypatch):
     p.write_text("some text that counts as big here", encoding="utf-8")
     first = corpus_mod.file_sha256(p)
     memo = json.loads((corpus_mod.cache_dir() / "source-hashes.json").read_text())
-    assert memo[str(p.resolve())][3] == first == hashlib.sha256(p.read_bytes()).hexdigest()
+    assert list(memo.values()) == [first] == [hashlib.sha256(p.read_bytes()).hexdigest()]
     p.write_text("other text, another size entirely", encoding="utf-8")  # new size and mtime: hashed again
     assert corpus_mod.file_sha256(p) == hashlib.sha256(p.read_bytes()).hexdigest() != first
+
+
+def test_text_files_keep_the_hash_load_corpus_gave(tmp_path):
+    """Runs record source_sha256: text corpora keep the identity they had before streaming."""
+    (tmp_path / "a.txt").write_bytes("\ufeffno newline at the end ✓".encode())
+    (tmp_path / "b.txt").write_text("second\n", encoding="utf-8")
+    (tmp_path / "c.txt").write_text("third", encoding="utf-8")
+    for spec in ([str(tmp_path)], [str(tmp_path / "c.txt"), str(tmp_path / "a.txt")], [str(tmp_path / "a.txt")]):
+        assert open_corpus(spec).sha256 == load_corpus(spec).sha256

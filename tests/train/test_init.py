@@ -85,13 +85,16 @@ def test_init_mismatches_are_one_line_errors(tmp_path, shakespeare_text, hf_dir)
         prepare_init(load_config(None, [*base[:2], f"train.init={tmp_path}"]))
 
 
-def test_init_from_a_gptforge_run_keeps_its_weights_and_tokenizer(tmp_path, shakespeare_text):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_init_from_a_gptforge_run_keeps_its_weights_and_tokenizer(tmp_path, shakespeare_text, dtype):
     from gptforge.train.checkpoint import load_model
+    from gptforge.train.runtime import autocast
     from gptforge.train.trainer import train
 
     corpus = _corpus(tmp_path, shakespeare_text)
     common = ["model.preset=tiny", "model.n_layer=1", "model.n_embd=32", "model.block_size=32",
-              "data.tokenizer=char", "train.batch_size=4", "train.eval_every=100"]
+              "data.tokenizer=char", "train.batch_size=4", "train.eval_every=100", "train.device=cpu",
+              f"train.dtype={dtype}"]
     train(load_config(None, [*common, f"data.corpus={corpus}", "train.max_steps=3"]), tmp_path / "a")
 
     # Fine-tune on a slice with fewer distinct characters: ids must keep run a's meaning.
@@ -103,10 +106,27 @@ def test_init_from_a_gptforge_run_keeps_its_weights_and_tokenizer(tmp_path, shak
 
     model, tokenizer, _ = load_model(tmp_path / "a")
     x, y = _first_batch(config, 32, tokenizer)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(torch.device("cpu"), getattr(torch, dtype)):  # the precision it trained in
         _, loss = model(x, y)
     assert _first_loss(tmp_path / "b") == pytest.approx(loss.item(), abs=1e-5)
     assert (tmp_path / "b" / "tokenizer").is_dir()
     _, tokenizer_b, _ = load_model(tmp_path / "b")
     assert tokenizer_b.vocab_size == tokenizer.vocab_size
     assert tokenizer_b.encode("ROMEO:") == tokenizer.encode("ROMEO:")
+
+
+def test_init_shapes_come_before_the_schedule_length(tmp_path, shakespeare_text):
+    """With train.max_tokens, the schedule's length depends on the block size, which comes from the
+    init weights (32 here, not the tiny preset's 64): 2,048 tokens / (4 x 32) = 16 updates."""
+    from gptforge.config import resume_config
+    from gptforge.train.trainer import train
+
+    corpus = _corpus(tmp_path, shakespeare_text)
+    common = ["model.preset=tiny", "data.tokenizer=char", "train.batch_size=4", "train.dtype=float32",
+              f"data.corpus={corpus}", "train.eval_every=100"]
+    train(load_config(None, [*common, "model.n_layer=1", "model.n_embd=32", "model.block_size=32",
+                             "train.max_steps=1"]), tmp_path / "a")
+    result = train(load_config(None, [*common, f"train.init={tmp_path / 'a'}", "train.max_steps=none",
+                                      "train.max_tokens=2048"]), tmp_path / "b")
+    saved = resume_config(tmp_path / "b")
+    assert saved.model.block_size == 32 and saved.optim.decay_steps == 16 and result.step == 16

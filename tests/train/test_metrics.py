@@ -156,7 +156,28 @@ def test_unknown_gpus_are_not_guessed():
     assert gpu_peak_flops("AMD Instinct MI300X", torch.bfloat16) is None
 
 
-def test_cpu_peak_is_measured_once():
+def test_cpu_peak_is_measured_once_per_machine_and_its_age_reported(monkeypatch, tmp_path):
+    """MFU's CPU denominator is a GEMM rate measured once and cached on disk, so a busy moment at the
+    start of one run does not inflate the MFU of every run after it; the source says how old it is."""
+    import json
+    import time
+
+    import gptforge.train.metrics as metrics
+
+    monkeypatch.setenv("GPTFORGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(metrics, "_MEASURED", {})
     flops, source = device_peak_flops(torch.device("cpu"), torch.float32)
-    assert flops > 1e8 and source.startswith("measured: CPU fp32 matmul ")
-    assert device_peak_flops("cpu", torch.float32) == (flops, source)  # cached, not measured again
+    assert flops > 1e8 and source.startswith("measured GEMM rate: CPU fp32 matmul ")
+    assert "measured 0 min ago" in source and str(tmp_path / metrics.PEAK_CACHE) in source
+    assert device_peak_flops("cpu", torch.float32) == (flops, source)  # cached in the process
+
+    # A new process reads the file instead of measuring again: change the stored rate and age.
+    path = tmp_path / metrics.PEAK_CACHE
+    cached = json.loads(path.read_text())
+    (machine,) = cached
+    assert "fp32" in machine and f"threads={torch.get_num_threads()}" in machine
+    cached[machine].update(flops=1.25e11, measured_at=time.time() - 2 * 3600)
+    path.write_text(json.dumps(cached))
+    monkeypatch.setattr(metrics, "_MEASURED", {})
+    flops2, source2 = device_peak_flops("cpu", torch.float32)
+    assert flops2 == 1.25e11 and "measured 2.0 h ago" in source2

@@ -61,6 +61,7 @@ def test_rng_state_round_trips_through_weights_only_torch_load(tmp_path):
 def test_cpu_bf16_detection_reads_cpuinfo_flags(monkeypatch, tmp_path):
     import gptforge.train.runtime as runtime
 
+    monkeypatch.delenv(runtime.CPU_BF16_ENV, raising=False)
     real_read = runtime.Path.read_text
 
     def fake_cpuinfo(flags):
@@ -74,3 +75,19 @@ def test_cpu_bf16_detection_reads_cpuinfo_flags(monkeypatch, tmp_path):
     assert cpu_has_bf16() and resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
     monkeypatch.setattr(runtime.Path, "read_text", fake_cpuinfo("avx2"))
     assert not cpu_has_bf16() and resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_cpu_bf16_path_can_be_forced_either_way(monkeypatch):
+    """GPTFORGE_CPU_BF16 decides what `auto` picks on the CPU whatever the CPU has, so the suite can run
+    the bf16 path on an AVX2-only machine and the float32 path on an AVX-512 BF16 one."""
+    from gptforge.train.runtime import CPU_BF16_ENV
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(CPU_BF16_ENV, "1")
+    assert cpu_has_bf16() and resolve_dtype("auto", cpu) == torch.bfloat16
+    assert setup_runtime("cpu", "auto").dtype == torch.bfloat16
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
+    assert not cpu_has_bf16() and resolve_dtype("auto", cpu) == torch.float32
+    monkeypatch.setenv(CPU_BF16_ENV, "yes")
+    with pytest.raises(GptforgeError, match="GPTFORGE_CPU_BF16='yes' is invalid"):
+        resolve_dtype("auto", cpu)

@@ -46,17 +46,23 @@ def test_loss_falls_and_run_dir_is_complete(tiny_config, tmp_path, read_metrics)
     assert again.optim.decay_steps == 40 and again.model.n_embd == 32 and again.train.max_steps == 40
 
 
-def test_resume_is_exact(tiny_config, tmp_path, read_metrics):
+# The CPU's two precision paths: bf16 autocast is native on CPUs with AVX-512 BF16 and emulated (slow,
+# fine at these shapes) on AVX2-only ones, so both run everywhere.
+DTYPES = ["float32", "bfloat16"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_resume_is_exact(tiny_config, tmp_path, read_metrics, dtype):
     # Dropout > 0, random windows and 2 micro-steps: RNG, sampler and optimizer state all matter.
     common = ("model.dropout=0.2", "data.sampling=random", "train.grad_accum_steps=2", "optim.decay_steps=8",
-              "train.eval_every=3")
+              "train.eval_every=3", f"train.dtype={dtype}")
     train(tiny_config("train.max_steps=8", *common), tmp_path / "once")
     train(tiny_config("train.max_steps=4", *common), tmp_path / "twice")
     result = gptforge.train(resume_config(tmp_path / "twice", ["train.max_steps=8"]), tmp_path / "twice", resume=True)
     assert result.step == 8
     once = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "once", "train")]
     twice = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "twice", "train")]
-    assert once == twice  # bit-identical in float32 on the CPU
+    assert once == twice  # bit-identical on the CPU, in either precision
     ev_once = {r["step"]: r["val_loss"] for r in read_metrics(tmp_path / "once", "eval")}
     ev_twice = {r["step"]: r["val_loss"] for r in read_metrics(tmp_path / "twice", "eval")}
     assert set(ev_once) == {3, 6, 8} and all(ev_twice[s] == v for s, v in ev_once.items())
@@ -72,10 +78,13 @@ def test_sequential_sampling_resumes_its_position(tiny_config, tmp_path, read_me
     assert all("epoch" in r for r in read_metrics(tmp_path / "once", "train"))
 
 
-def test_stop_at_target_loss_on_the_whole_training_split(tiny_config, tmp_path, read_metrics):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stop_at_target_loss_on_the_whole_training_split(tiny_config, tmp_path, read_metrics, dtype):
+    """The stop metric is computed as `gptforge eval` computes it (float32, eval mode) whatever the
+    training precision, so a run that stops at a target shows an eval at or below it."""
     run = tmp_path / "run"
     result = train(tiny_config("train.max_steps=500", "train.stop_at_loss=3.3", "train.stop_metric=train_full",
-                               "train.eval_every=5", "optim.schedule=constant"), run)
+                               "train.eval_every=5", "optim.schedule=constant", f"train.dtype={dtype}"), run)
     assert result.stopped_by == "stop_at_loss" and result.step < 500
     last_eval = read_metrics(run, "eval")[-1]
     assert last_eval["train_loss"] <= 3.3 and last_eval["step"] == result.step
@@ -85,7 +94,8 @@ def test_stop_at_target_loss_on_the_whole_training_split(tiny_config, tmp_path, 
     # ... and the eval CLI's exact number over the same split agrees with it
     exact = evaluate_run(run, split="train")
     assert exact["tokens"] == last_eval["train_loss_tokens"]
-    assert exact["loss"] == pytest.approx(last_eval["train_loss"], abs=1e-5)
+    assert exact["loss"] == pytest.approx(last_eval["train_loss"], abs=1e-5) and exact["loss"] <= 3.3 + 1e-6
+    assert result.eval_train_loss == last_eval["train_loss"]
 
 
 def test_ctrl_c_saves_latest_and_resume_continues(tiny_config, tmp_path, read_metrics, monkeypatch):
@@ -136,7 +146,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path
 
     def step_nan_at_5(self):
         loss, grad_norm, lr = real_step(self)
-        return (float("nan") if self.step == 4 else loss), grad_norm, lr
+        return (torch.full_like(loss, float("nan")) if self.step == 4 else loss), grad_norm, lr
 
     monkeypatch.setattr(Trainer, "train_step", step_nan_at_5)
     with pytest.raises(GptforgeError, match=r"became nan at step 5.*step 4"):
@@ -191,6 +201,94 @@ def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tiny_config, tmp_path)
         train(tiny_config("train.max_steps=1"), tmp_path / "empty", resume=True)
 
 
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(tiny_config, tmp_path, read_metrics,
+                                                                      monkeypatch, capsys):
+    """`until gptforge train --resume RUN; do :; done` must finish even when the first attempt died
+    before saving anything: the resume starts the run again with its saved config."""
+    run = tmp_path / "run"
+    common = ("train.max_steps=6", "train.eval_every=3", "model.dropout=0.1")
+    real_step = Trainer.train_step
+
+    def die_at_step_4(self):
+        if self.step == 3:
+            raise SystemExit(137)  # as abrupt as a kill: no checkpoint, no clean-up of the run directory
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", die_at_step_4)
+    with pytest.raises(SystemExit):
+        train(tiny_config(*common), run)
+    assert (run / "config.toml").is_file() and not (run / "checkpoints" / "latest").exists()
+    assert [r["step"] for r in read_metrics(run, "train")] == [1, 2, 3]
+    with pytest.raises(GptforgeError, match="saved no checkpoint yet; start it again with --resume"):
+        train(tiny_config(*common), run)
+
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    capsys.readouterr()
+    cli.main(["train", "--resume", str(run)])
+    assert "saved no checkpoint before it stopped; starting it again from step 0" in capsys.readouterr().out
+    train(tiny_config(*common), tmp_path / "ref")
+    # The same losses as a run that was never interrupted, each step logged once.
+    assert [(r["step"], r["loss"]) for r in read_metrics(run, "train")] == \
+           [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "ref", "train")]
+    assert [e["event"] for e in read_metrics(run, "event")][-2:] == ["restarted", "stopped"]
+
+
+def test_resume_and_eval_refuse_a_changed_corpus(tiny_config, tmp_path, tiny_corpus, monkeypatch):
+    """A run records the sha256 of its text and tokenizer; other data is refused with both hashes and
+    the way out, not silently trained on. Relative corpus paths are saved absolute."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_text(tiny_corpus.read_text(encoding="utf-8"), encoding="utf-8")
+    run = tmp_path / "run"
+    train(tiny_config("train.max_steps=2", "data.corpus=corpus.txt"), run)
+    assert resume_config(run).data.corpus == str(tmp_path / "corpus.txt")
+    identity = __import__("json").loads((run / "data.json").read_text())
+    assert len(identity["corpus_sha256"]) == 64 and len(identity["tokenizer_sha256"]) == 64
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the saved path still names the same file
+    train(resume_config(run, ["train.max_steps=3"]), run, resume=True)
+    assert evaluate_run(run, split="val")["step"] == 3
+
+    text = (tmp_path / "corpus.txt").read_text(encoding="utf-8")
+    (tmp_path / "corpus.txt").write_text(text[: len(text) // 2], encoding="utf-8")  # cut the corpus
+    for attempt in (lambda: train(resume_config(run, ["train.max_steps=4"]), run, resume=True),
+                    lambda: evaluate_run(run, split="val")):
+        with pytest.raises(GptforgeError) as e:
+            attempt()
+        message = str(e.value)
+        assert f"the corpus of {run} changed: sha256 {identity['corpus_sha256'][:16]} when it was trained" in message
+        assert "--init" in message and "\n" not in message
+    assert ckpt.read_info(run / "checkpoints" / "latest")["step"] == 3  # nothing was trained on it
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_good_one(tiny_config, tmp_path):
+    """A real write failure (a file-size limit makes the kernel refuse the write, as a full disk does):
+    one line naming the last good checkpoint, exit 2, no partial files, latest unchanged."""
+    import resource
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    train(tiny_config("train.max_steps=2", "train.checkpoint_every=1"), run)
+    latest = run / "checkpoints" / "latest"
+    before = {p.name: p.read_bytes() for p in latest.iterdir()}
+    limit = min(p.stat().st_size for p in latest.iterdir() if p.name in ("model.safetensors", "state.pt")) // 2
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    proc = subprocess.run([sys.executable, "-m", "gptforge", "train", "--resume", str(run), "train.max_steps=3"],
+                          capture_output=True, text=True, preexec_fn=small_files, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gptforge: error: could not write checkpoint")
+    assert f"the last good checkpoint is {latest} (step 2), unchanged" in err[0]
+    assert {p.name: p.read_bytes() for p in latest.iterdir()} == before
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "latest", "step-0000001",
+                                                                        "step-0000002"]
+
+
 def test_eval_cli_counts_every_token_but_the_first(tiny_config, tmp_path, capsys):
     run = tmp_path / "run"
     train(tiny_config("train.max_steps=2"), run)
@@ -218,3 +316,125 @@ def test_token_and_time_limits_stop_the_run(tiny_config, tmp_path, read_metrics,
         assert result.tokens == 1024 and result.step == 8 and stop["value"] == 1024
     else:
         assert stop["value"] >= 1.5 and 0 < result.step < 100_000
+
+
+def test_the_final_line_pairs_like_with_like(tiny_config, tmp_path, tiny_corpus, capsys, read_metrics):
+    """Eval-mode train and val losses side by side; the last update's loss (dropout on) named apart."""
+    run = tmp_path / "run"
+    cli.main(["train", "--out", str(run), f"data.corpus={tiny_corpus}", "data.tokenizer=char", "model.preset=tiny",
+              "model.n_layer=1", "model.dropout=0.2", "train.max_steps=3", "train.batch_size=2",
+              "train.dtype=float32"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    ev, tr = read_metrics(run, "eval")[-1], read_metrics(run, "train")[-1]
+    assert last.startswith("stopped by max_steps at step 3 ")
+    assert (f"train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f} at the last evaluation (eval mode, float32); "
+            f"last update's loss {tr['loss']:.4f} (dropout on)") in last
+
+
+@pytest.mark.parametrize("cpu_bf16, expected", [("1", "bfloat16"), ("0", "float32")])
+def test_dtype_auto_on_the_cpu_follows_its_bf16_units(tiny_config, tmp_path, read_metrics, monkeypatch,
+                                                      cpu_bf16, expected):
+    """`auto` trains in bf16 on a CPU with bf16 matmul units and in float32 on one without; both paths are
+    forced here so that either kind of CPU runs both."""
+    from gptforge.train.runtime import CPU_BF16_ENV
+
+    monkeypatch.setenv(CPU_BF16_ENV, cpu_bf16)
+    run = tmp_path / "run"
+    result = train(tiny_config("train.dtype=auto", "train.max_steps=3"), run)
+    started = read_metrics(run, "event")[0]
+    assert started["dtype"] == expected and started["mfu_basis"] == "vs measured GEMM"
+    assert math.isfinite(result.train_loss) and math.isfinite(result.val_loss)
+
+
+def test_steps_between_log_steps_never_read_back_to_the_host(tiny_config, tmp_path, monkeypatch):
+    """The device is never made to wait inside an update: train_step and the non-finite watch read
+    nothing back (no .item(), float(), bool(), .tolist()); the host reads only at log, eval,
+    checkpoint and last steps."""
+    reads_forbidden = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def guarded(self, *a, _real=real, _name=name, **k):
+            if reads_forbidden:
+                raise AssertionError(f"Tensor.{_name} read back inside {reads_forbidden[-1]}")
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, guarded)
+
+    def no_reads(method):
+        real = getattr(Trainer, method)
+
+        def wrapped(self, *a, **k):
+            reads_forbidden.append(method)
+            try:
+                return real(self, *a, **k)
+            finally:
+                reads_forbidden.pop()
+
+        monkeypatch.setattr(Trainer, method, wrapped)
+
+    no_reads("train_step")
+    no_reads("_watch_finite")
+    synced = []
+    real_read_back = Trainer._read_back
+
+    def read_back(self, *a, **k):
+        synced.append(self.step)
+        return real_read_back(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "_read_back", read_back)
+    train(tiny_config("train.max_steps=12", "train.log_every=5", "train.eval_every=6", "train.checkpoint_every=100",
+                      "train.grad_accum_steps=2"), tmp_path / "run")
+    assert synced == [1, 5, 6, 10, 12]
+
+
+def test_a_non_finite_update_is_skipped_on_the_device_and_reported_at_the_next_log_step(tiny_config, tmp_path,
+                                                                                         monkeypatch):
+    """Between log steps the check stays on the device: the bad update is not applied, the run goes on
+    to the next log step, then stops naming the step where it happened."""
+    real_clip = torch.nn.utils.clip_grad_norm_
+    calls = []
+
+    def clip_inf_at_3(params, max_norm):
+        calls.append(1)
+        norm = real_clip(params, max_norm)
+        return torch.full_like(norm, float("inf")) if len(calls) == 3 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_inf_at_3)
+    trainer = Trainer(tiny_config("train.max_steps=20", "train.log_every=8", "train.checkpoint_every=100"),
+                      tmp_path / "run")
+    weights = {}
+    real_step_unless = Trainer._step_unless
+
+    def step_unless(self, bad):
+        before = {k: v.clone() for k, v in self.raw_model.state_dict().items()}
+        real_step_unless(self, bad)
+        weights[self.step + 1] = all(torch.equal(before[k], v) for k, v in self.raw_model.state_dict().items())
+
+    monkeypatch.setattr(Trainer, "_step_unless", step_unless)
+    with pytest.raises(GptforgeError, match=r"gradient norm became inf at step 3 \(that update was not applied\)"):
+        trainer.train()
+    assert trainer.step == 8  # found at the next log step
+    assert weights[3] and not any(weights[s] for s in (1, 2, 4, 5, 6, 7, 8))  # only update 3 left them alone
+    assert all(torch.isfinite(p).all() for p in trainer.raw_model.parameters())
+
+
+@pytest.mark.slow
+def test_compile_warm_up_is_reported_apart(tiny_config, tmp_path, read_metrics):
+    """train.compile on the CPU (inductor): the first update compiles; its seconds are an event of
+    their own and neither its tokens/s nor its MFU is logged; losses match eager, weights save plain."""
+    from safetensors import safe_open
+
+    common = ("train.max_steps=3", "model.n_layer=1")
+    train(tiny_config(*common, "train.compile=true"), tmp_path / "compiled")
+    train(tiny_config(*common), tmp_path / "eager")
+    events = read_metrics(tmp_path / "compiled", "event")
+    compiled = [e for e in events if e["event"] == "compiled"]
+    assert len(compiled) == 1 and compiled[0]["step"] == 1 and compiled[0]["seconds"] > 0
+    records = read_metrics(tmp_path / "compiled", "train")
+    assert "tokens_per_s" not in records[0] and "mfu" not in records[0]
+    assert all("tokens_per_s" in r and "mfu" in r for r in records[1:])
+    eager = read_metrics(tmp_path / "eager", "train")
+    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in eager], abs=1e-4)
+    with safe_open(tmp_path / "compiled" / "checkpoints" / "latest" / "model.safetensors", "pt") as f:
+        assert not any("_orig_mod" in k for k in f.keys())

@@ -661,36 +661,69 @@ def _corpus_name(specs: list[str]) -> str:
     return "+".join(one(s) for s in specs)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, remembered for big files while their size, mtime and inode stay."""
+def _memo(stamps: list, compute) -> str:
+    """`compute()`, remembered in $GPTFORGE_CACHE_DIR/source-hashes.json under `stamps` (paths, sizes,
+    mtimes, inodes) when the files are big, so reusing a prepared 40 GB corpus does not read it again."""
     import json
 
-    path = Path(path)
-    st = path.stat()
+    big = sum(st[1] for st in stamps) >= _MEMO_MIN_BYTES
+    if not big:
+        return compute()
     memo_path = cache_dir() / "source-hashes.json"
-    key = str(path.resolve())
-    stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
-    memo: dict = {}
-    if st.st_size >= _MEMO_MIN_BYTES:
-        try:
-            memo = json.loads(memo_path.read_text(encoding="utf-8"))
-            hit = memo.get(key)
-            if isinstance(hit, list) and hit[:3] == stamp:
-                return hit[3]
-        except (OSError, ValueError, AttributeError):
+    key = sha256_bytes(json.dumps(stamps).encode())
+    try:
+        memo = json.loads(memo_path.read_text(encoding="utf-8"))
+        if not isinstance(memo, dict):
             memo = {}
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    if st.st_size >= _MEMO_MIN_BYTES:
-        memo[key] = [*stamp, digest]
-        try:
-            memo_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo_path.with_name(f".{memo_path.name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(memo), encoding="utf-8")
-            os.replace(tmp, memo_path)
-        except OSError:
-            pass  # only a speed-up
+    except (OSError, ValueError):
+        memo = {}
+    if isinstance(memo.get(key), str):
+        return memo[key]
+    digest = compute()
+    memo[key] = digest
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_name(f".{memo_path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(memo), encoding="utf-8")
+        os.replace(tmp, memo_path)
+    except OSError:
+        pass  # only a speed-up
     return digest
+
+
+def _stamp(path: str | os.PathLike) -> list:
+    st = Path(path).stat()
+    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (remembered for big files while their size, mtime and inode stay)."""
+    def compute() -> str:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+    return _memo([_stamp(path)], compute)
+
+
+def _joined_text_sha256(paths: Sequence[str]) -> str:
+    """sha256 of the UTF-8 text `load_corpus` would build from these text files: each file's bytes
+    without a leading byte-order mark, a newline between two files where the first does not end in
+    one. Computed on the bytes, never decoded (valid UTF-8 text is its own encoding)."""
+    def compute() -> str:
+        h = hashlib.sha256()
+        last = b"\n"
+        for i, path in enumerate(paths):
+            if i and last != b"\n":
+                h.update(b"\n")
+            with open(path, "rb") as f:
+                block = f.read(BLOCK_BYTES).removeprefix(b"\xef\xbb\xbf")
+                while block:
+                    h.update(block)
+                    last = block[-1:]
+                    block = f.read(BLOCK_BYTES)
+        return h.hexdigest()
+
+    return _memo([_stamp(p) for p in paths], compute)
 
 
 def _source_sha256(src: Source) -> str:
@@ -710,10 +743,18 @@ def _source_sha256(src: Source) -> str:
 
 
 def stream_sha256(sources: Sequence[Source]) -> str:
-    """The corpus's identity, `source_sha256` in meta.json: for one file, the sha256 of its bytes
-    (Tiny Shakespeare: the checksum of the download); for several sources, the sha256 of their
-    hashes, one per line in reading order. A saved `datasets` directory hashes its Arrow files and
-    the split; a Hub dataset (`hf:`) only its name and split."""
+    """The corpus's identity, `source_sha256` in meta.json. Text files only (as before streaming):
+    the sha256 of the UTF-8 text they make together (a newline between files that do not end in
+    one, a byte-order mark dropped), so Tiny Shakespeare's is the checksum of its download. With any
+    other input: for one source its hash, for several the sha256 of their hashes, one per line in
+    reading order, where a .jsonl/.jsonl.gz/.parquet file's hash is that of its bytes, a saved
+    `datasets` directory's that of its Arrow files' hashes and the split, and a Hub dataset's
+    (`hf:`) that of its name and split only (its bytes are never all here)."""
+    if all(s.kind == "text" for s in sources):
+        try:
+            return _joined_text_sha256([s.path for s in sources])
+        except OSError as e:
+            raise GptforgeError(f"cannot read {e.filename}: {e.strerror}; check the path and its permissions") from None
     hashes = [_source_sha256(s) for s in sources]
     if len(hashes) == 1:
         return hashes[0]

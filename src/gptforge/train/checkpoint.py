@@ -77,28 +77,56 @@ def save_model(ckpt_dir: str | Path, model: torch.nn.Module, info: dict[str, Any
     ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
     plain = unwrap(model)
     tmp = ckpt_dir.with_name(f".{ckpt_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    # safetensors' save_model handles tied weights (the embedding shared with the LM head).
-    st_save_model(plain, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    (tmp / MODEL_CONFIG).write_text(json.dumps(_model_config_dict(plain), indent=2) + "\n", encoding="utf-8")
-    (tmp / INFO).write_text(json.dumps(_plain(info), indent=2) + "\n", encoding="utf-8")
-    if state is not None:
-        torch.save(state, tmp / STATE)
-    for f in tmp.iterdir():  # on disk before the rename makes it visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        # safetensors' save_model handles tied weights (the embedding shared with the LM head).
+        st_save_model(plain, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / MODEL_CONFIG).write_text(json.dumps(_model_config_dict(plain), indent=2) + "\n", encoding="utf-8")
+        (tmp / INFO).write_text(json.dumps(_plain(info), indent=2) + "\n", encoding="utf-8")
+        if state is not None:
+            torch.save(state, tmp / STATE)
+        for f in tmp.iterdir():  # on disk before the rename makes it visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except Exception as e:  # a full disk, a file size limit, a vanished directory: say so, keep the old one
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise GptforgeError(f"could not write checkpoint {ckpt_dir} ({_reason(e)}); {_last_good(ckpt_dir)}; "
+                            "free some disk space and continue with gptforge train --resume RUN") from None
     _swap_in(tmp, ckpt_dir)
     return ckpt_dir
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}".rstrip(": ")
+
+
+def _last_good(ckpt_dir: Path) -> str:
+    """Where the last complete checkpoint is, after a failed save of `ckpt_dir`."""
+    for d in (ckpt_dir, ckpt_dir.with_name(ckpt_dir.name + ".old")):
+        if (d / WEIGHTS).is_file():
+            try:
+                step = json.loads((d / INFO).read_text(encoding="utf-8")).get("step")
+            except (OSError, ValueError):
+                step = None
+            return f"the last good checkpoint is {d}" + (f" (step {step}), unchanged" if step is not None else "")
+    return "no earlier checkpoint exists"
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:
     """Copy a complete checkpoint directory to `dst`, atomically (used for step-NNNNNNN and best)."""
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(src, tmp)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise GptforgeError(f"could not copy checkpoint {src} to {dst} ({_reason(e)}); {_last_good(src)}; "
+                            "free some disk space and continue with gptforge train --resume RUN") from None
     _swap_in(tmp, dst)
     return dst
 

@@ -80,6 +80,8 @@ class MetricsLogger:
                  tensorboard: bool = False, resume_step: int | None = None):
         self.enabled = enabled
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        # What MFU is a fraction of, printed beside it ("vs measured GEMM" on a CPU, "vs datasheet peak").
+        self.mfu_basis: str | None = None
         self.total_steps = total_steps
         self._file = None
         self._tb = None
@@ -226,7 +228,8 @@ class MetricsLogger:
         if "tokens_per_s" in fields:
             parts.append(f"{self._fmt('tokens_per_s', fields['tokens_per_s'])} tok/s")
         if "mfu" in fields:
-            parts.append(f"mfu {self._fmt('mfu', fields['mfu'])}")
+            basis = f" {self.mfu_basis}" if self.mfu_basis else ""
+            parts.append(f"mfu {self._fmt('mfu', fields['mfu'])}{basis}")
         return " | ".join(parts)
 
     def _eta(self, step: int, now: float) -> float | None:
@@ -288,7 +291,7 @@ def gpu_peak_flops(name: str, dtype: torch.dtype, tf32: bool = True) -> tuple[fl
     return None
 
 
-_MEASURED: dict[tuple[str, torch.dtype], tuple[float, str]] = {}
+_MEASURED: dict[tuple[str, torch.dtype, int], tuple[float, str]] = {}
 
 
 def _measure_matmul(device: torch.device, dtype: torch.dtype, n_max: int, seconds: float) -> tuple[float, int]:
@@ -327,9 +330,46 @@ def _measure_matmul(device: torch.device, dtype: torch.dtype, n_max: int, second
                 return best, n
 
 
+PEAK_CACHE = "peak_flops.json"
+
+
+def _machine_key(device: torch.device, dtype: torch.dtype, label: str, n: int) -> str:
+    """What a measured rate depends on: the chip, the precision, the threads torch uses, torch itself."""
+    if device.type == "cpu":
+        chip = "CPU"
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    chip = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        chip += f" threads={torch.get_num_threads()}"
+    else:
+        chip = label
+    return f"{chip} | {_PRECISION.get(dtype, str(dtype))} {n}x{n} | torch {torch.__version__}"
+
+
+def _peak_cache_path() -> Path:
+    env = os.environ.get("GPTFORGE_CACHE_DIR")
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "gptforge") / PEAK_CACHE
+
+
+def _age(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
 def device_peak_flops(device: torch.device | str, dtype: torch.dtype) -> tuple[float, str]:
     """Peak FLOP/s for `dtype` matmuls on `device` and where the number came from: the datasheet table for
-    known GPUs, else a matmul rate measured once per process (~1 s) and cached."""
+    known GPUs, else the rate of this machine's own GEMM (matrix multiply) measured once and cached.
+
+    The measured rate is cached per machine (chip, precision, threads, torch version) in
+    $GPTFORGE_CACHE_DIR/peak_flops.json, not re-measured at each start: a rate measured while other work
+    runs comes out low and would inflate every MFU after it. The source string says how old it is."""
     device = torch.device(device)
     name = _PRECISION.get(dtype, str(dtype))
     if device.type == "cuda":
@@ -341,8 +381,29 @@ def device_peak_flops(device: torch.device | str, dtype: torch.dtype) -> tuple[f
         label, n = gpu, 4096
     else:
         label, n = device.type.upper(), 2048
-    key = (str(device), dtype)
-    if key not in _MEASURED:
+    key = (str(device), dtype, torch.get_num_threads())
+    if key in _MEASURED:
+        return _MEASURED[key]
+    path, machine = _peak_cache_path(), _machine_key(device, dtype, label, n)
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cached = {}
+    if not isinstance(cached, dict):
+        cached = {}
+    entry = cached.get(machine)
+    if not (isinstance(entry, dict) and _is_number(entry.get("flops")) and _is_number(entry.get("measured_at"))):
         flops, n = _measure_matmul(device, dtype, n, seconds=1.0)
-        _MEASURED[key] = (flops, f"measured: {label} {name} matmul {n}x{n}")
+        entry = {"flops": flops, "n": n, "measured_at": time.time()}
+        cached[machine] = entry
+        try:  # a read-only cache only costs a re-measurement next time
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(cached, indent=1) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    age = _age(max(0.0, time.time() - float(entry["measured_at"])))
+    _MEASURED[key] = (float(entry["flops"]), f"measured GEMM rate: {label} {name} matmul {entry['n']}x{entry['n']}, "
+                      f"measured {age} ago (cached in {path}; delete it to re-measure)")
     return _MEASURED[key]

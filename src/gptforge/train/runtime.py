@@ -44,8 +44,20 @@ def autodetect_device(preference: str = "auto") -> torch.device:
     return torch.device(preference)
 
 
+CPU_BF16_ENV = "GPTFORGE_CPU_BF16"
+
+
 def cpu_has_bf16() -> bool:
-    """Whether this CPU has native bf16 matmul instructions (Linux /proc/cpuinfo flags)."""
+    """Whether this CPU has native bf16 matmul instructions (Linux /proc/cpuinfo flags).
+
+    GPTFORGE_CPU_BF16=1 (or 0) overrides the answer, so that `train.dtype = "auto"` takes the bf16
+    path on a CPU without the instructions (emulated: slow, but right for tiny test shapes) or the
+    float32 path on one with them: the test suite runs both paths on either kind of CPU."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise GptforgeError(f"{CPU_BF16_ENV}={forced!r} is invalid; set it to 1 (bf16 path), 0 (float32) or unset it")
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:

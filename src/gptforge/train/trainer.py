@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import hashlib
+import json
 import math
 import signal
 import threading
@@ -56,8 +59,13 @@ class TrainResult:
     step: int
     tokens: int
     train_loss: float | None
+    """The last update's mean loss over its tokens (training mode: dropout on, training precision)."""
     val_loss: float | None
+    """Validation loss at the last evaluation (eval mode, float32)."""
     stopped_by: str
+    eval_train_loss: float | None = None
+    """Training-split loss at the last evaluation, measured like val_loss (eval mode, float32): the
+    number to put beside val_loss. Over `eval_batches` batches, or the whole split with train_full."""
 
 
 def train(config: Config, out_dir: str | Path, resume: bool = False,
@@ -80,24 +88,28 @@ class Trainer:
         from gptforge.data.tokens import BatchSampler
         from gptforge.model import GPT, GPTConfig
 
-        if not resume and config.optim.decay_steps is None and config.optim.schedule == "cosine":
-            # Freeze the schedule's length into the saved config, so that resuming with a larger
-            # train.max_steps continues the same schedule instead of silently reshaping it.
-            config = copy.deepcopy(config)
-            config.optim.decay_steps = config.decay_steps()
-        self.config, self.eval_hook = config, eval_hook
         self.run_dir = Path(out_dir)
-        self._check_run_dir(resume)
-        # train.init: the architecture (and a run's tokenizer) come from the weights; see train/init.py.
+        # A run killed before its first checkpoint has only its config: --resume starts it again from
+        # step 0 with that config, so a restart loop on a preemptible machine always gets somewhere.
+        has_checkpoint = self._check_run_dir(resume)
+        self.restarted = resume and not has_checkpoint
+        resume = resume and not self.restarted
+        # train.init first: the architecture (and a run's tokenizer) come from the weights, and
+        # everything derived from the shapes below (tokens per update, schedule length) needs them.
         self.init = None
         if config.train.init and not resume:
             from gptforge.train.init import prepare_init
 
             config, self.init = prepare_init(config)
-            self.config = config
+        if not resume:
+            config = _frozen(config)
+        self.config, self.eval_hook = config, eval_hook
         t, m = config.train, config.model
 
         self.rt: Runtime = setup_runtime(t.device, t.dtype)
+        # Evaluation runs in float32 whatever the training precision, as `gptforge eval` does, so a
+        # logged loss (and a stop_at_loss decision) is the number `gptforge eval` reproduces.
+        self.eval_rt: Runtime = dataclasses.replace(self.rt, dtype=torch.float32)
         self.world = self.rt.world_size
         self.accum = config.grad_accum_steps(self.world)
 
@@ -112,6 +124,8 @@ class Trainer:
         self.rt.barrier()
         if not self.rt.is_main:
             self.data = self._prepare_data(resume)
+        if resume or self.restarted:
+            check_data_identity(self.run_dir, self.data)
         self.tokenizer = self.data.tokenizer
         self.tokens_per_update = t.batch_size * block_size * self.world * self.accum
         self.total_steps = config.decay_steps(self.world)
@@ -124,6 +138,7 @@ class Trainer:
         self.scaler = grad_scaler(self.rt.device, self.rt.dtype)
         self.sampler = BatchSampler(self.data.train, t.batch_size, block_size, mode=config.data.sampling,
                                     seed=t.seed, rank=self.rt.rank, world_size=self.world)
+        self.batches = _Prefetcher(self.sampler, self.rt.device)
         # Dropout masks differ between ranks, as their data does.
         torch.manual_seed(t.seed + self.rt.rank)
 
@@ -132,10 +147,22 @@ class Trainer:
         self.tokens = 0          # training tokens consumed, all ranks
         self.elapsed = 0.0       # training seconds, summed over resumed runs
         self.best_val = math.inf
-        self.last_train_loss: float | None = None
+        self.last_train_loss: float | None = None       # the last update's loss (dropout on)
+        self.last_eval_train_loss: float | None = None  # the training split at the last evaluation
         self.last_val_loss: float | None = None
         self.last_eval_step = -1
         self.last_saved_step = -1
+        # The first update that was not finite, watched on the device (see _watch_finite): -1 = none.
+        self._bad_step = torch.full((), -1, dtype=torch.int64, device=self.rt.device)
+        self._bad_what = torch.zeros((), dtype=torch.int64, device=self.rt.device)  # 0: loss, 1: grad norm
+        self._bad_value = torch.zeros((), dtype=torch.float32, device=self.rt.device)
+        self.compile_s: float | None = None  # the first update's seconds under train.compile (warm-up)
+        self.elapsed_start = 0.0  # self.elapsed when train() began (set there)
+        self._interval = (time.perf_counter(), 0)  # (time, tokens) where tokens/s is measured from
+        self._last_logged_step = -1
+        self._time_up = False
+        self._stop_event: dict[str, Any] | None = None
+        self._flops_per_token, self._peak_flops = 0.0, None
 
         if resume:
             self._load_latest()
@@ -145,7 +172,9 @@ class Trainer:
         self.model: torch.nn.Module = self.raw_model
         if t.compile:
             self.model = torch.compile(self.raw_model)
-        self.eval_model = self.model  # evaluation needs no gradient sync
+        # Evaluation runs the plain module, eagerly, in float32: no gradient sync, and no second
+        # compilation for eval mode and another precision.
+        self.eval_model = self.raw_model
         if self.rt.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -155,45 +184,56 @@ class Trainer:
         from gptforge.train.metrics import MetricsLogger
 
         self.log = MetricsLogger(self.run_dir, total_steps=t.max_steps, enabled=self.rt.is_main,
-                                 tensorboard=t.tensorboard, resume_step=self.step if resume else None)
+                                 tensorboard=t.tensorboard,
+                                 resume_step=self.step if (resume or self.restarted) else None)
         if self.rt.is_main and not resume:
-            config.save(self.run_dir / "config.toml")
-            self.tokenizer.save(self.run_dir / "tokenizer")
+            if not self.restarted:  # a restart runs the config saved when the run began
+                config.save(self.run_dir / "config.toml")
+            if not self.restarted or not (self.run_dir / "tokenizer").is_dir():
+                self.tokenizer.save(self.run_dir / "tokenizer")
+            if not self.restarted or not (self.run_dir / DATA_IDENTITY).is_file():
+                save_data_identity(self.run_dir, self.data)
 
     # ------------------------------------------------------------------------------------ the loop
 
     def train(self) -> TrainResult:
-        """Run until a stop condition; returns the TrainResult. See the module docstring."""
+        """Run until a stop condition; returns the TrainResult. See the module docstring.
+
+        Between log, evaluation and checkpoint steps nothing is read back to the host, so the device
+        never waits for Python: the loss, the gradient norm and the check for non-finite updates stay
+        on the device until the next such step (see _read_back and _watch_finite)."""
         t = self.config.train
         self._log_start()
         stop = _StopRequest()
         stop.install()
-        start, elapsed0 = time.perf_counter(), self.elapsed
-        # Every rank must agree on when to stop: time is measured per rank, so after each step the
-        # flags travel with the loss in one all-reduce. Before the first step all ranks hold the
-        # same (saved) elapsed time.
+        start, self.elapsed_start = time.perf_counter(), self.elapsed
+        # Before the first step all ranks hold the same (saved) elapsed time.
         self._time_up = t.max_time is not None and self.elapsed >= t.max_time
         stopped_by, last = None, None
-        self._stop_event: dict[str, Any] | None = None
+        self._stop_event = None
         try:
             while True:
                 stopped_by = self._limit_reached()
                 if stopped_by:
                     break
+                step_start = time.perf_counter()
                 loss, grad_norm, lr = self.train_step()
-                self.elapsed = elapsed0 + time.perf_counter() - start
-                time_up = t.max_time is not None and self.elapsed >= t.max_time
-                flags = torch.tensor([loss, float(stop.requested), float(time_up)], dtype=torch.float64)
-                if self.rt.distributed:
-                    flags = self.rt.all_reduce_sum(flags.to(self.rt.device)).cpu()
-                loss = float(flags[0]) / self.world  # the mean over ranks of equal-sized batches
-                self._time_up = bool(flags[2] > 0)
-                if not math.isfinite(loss):
-                    self._stop_on_nan("training loss", loss)
-                if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
-                    self._stop_on_nan("gradient norm", grad_norm)
+                self._watch_finite(loss, grad_norm)
                 self.step += 1
                 self.tokens += self.tokens_per_update
+                if t.compile and self.compile_s is None:
+                    # The first update compiles the model: its seconds are reported apart and left out
+                    # of tokens/s, MFU and max_time.
+                    self._synchronize()
+                    self.compile_s = time.perf_counter() - step_start
+                    start += self.compile_s
+                    self._interval = (time.perf_counter(), self.tokens)
+                    self.log.event("compiled", step=self.step, seconds=round(self.compile_s, 3))
+                self.elapsed = self.elapsed_start + time.perf_counter() - start
+                time_up = t.max_time is not None and self.elapsed >= t.max_time
+                if not self._is_sync_step(stop.requested or time_up):
+                    continue
+                loss, grad_norm, interrupted = self._read_back(loss, grad_norm, stop.requested, time_up)
                 self.last_train_loss = loss
                 last = (loss, grad_norm, lr)
 
@@ -203,7 +243,7 @@ class Trainer:
                     stopped_by = self._evaluate_and_maybe_stop()
                 if self.step % t.checkpoint_every == 0:
                     self.save_checkpoint(keep_step_copy=True)
-                if flags[1] > 0:  # Ctrl-C or SIGTERM on some rank: the step is complete, save it
+                if interrupted:  # Ctrl-C or SIGTERM on some rank: the step is complete, save it
                     self.save_checkpoint()
                     self.log.event("stopped", reason="interrupted", value=self.step, step=self.step)
                     raise KeyboardInterrupt
@@ -223,13 +263,16 @@ class Trainer:
         stop.uninstall()
         self._finish()
         return TrainResult(run_dir=self.run_dir, step=self.step, tokens=self.tokens,
-                           train_loss=self.last_train_loss, val_loss=self.last_val_loss, stopped_by=stopped_by)
+                           train_loss=self.last_train_loss, val_loss=self.last_val_loss, stopped_by=stopped_by,
+                           eval_train_loss=self.last_eval_train_loss)
 
-    def train_step(self) -> tuple[float, float, float]:
-        """One optimizer update over `accum` micro-batches; returns (this rank's mean loss, grad norm, lr).
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer update over `accum` micro-batches; returns (this rank's mean loss, grad norm, lr),
+        the first two as tensors on the device (reading them would make the host wait for the device).
 
         Each micro-batch's loss is divided by the number of micro-steps for the backward pass only,
-        so the accumulated gradient is that of the mean over the update's tokens."""
+        so the accumulated gradient is that of the mean over the update's tokens. An update whose loss
+        or gradient norm is not finite is skipped on the device: it never reaches the weights."""
         o = self.config.optim
         lr = lr_at(self.step, o, self.total_steps)
         for group in self.optimizer.param_groups:
@@ -237,8 +280,7 @@ class Trainer:
         self.model.train()
         loss_sum = torch.zeros((), device=self.rt.device, dtype=torch.float32)
         for micro in range(self.accum):
-            x, y = self.sampler.next_batch()
-            x, y = x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
+            x, y = self.batches.next()
             last = micro == self.accum - 1
             # DDP all-reduces gradients on every backward unless told not to; only the last counts.
             sync = contextlib.nullcontext() if (last or not self.rt.distributed) else self.model.no_sync()
@@ -250,14 +292,14 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         max_norm = o.grad_clip if o.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
-        loss = float(loss_sum) / self.accum
-        # fp16's GradScaler skips steps with inf gradients by itself; otherwise a non-finite loss or
-        # gradient must not reach the weights (the loop then stops with the last good checkpoint).
-        if math.isfinite(loss) and (self.scaler.is_enabled() or math.isfinite(float(grad_norm))):
+        loss = loss_sum / self.accum
+        if self.scaler.is_enabled():  # fp16: GradScaler skips steps with inf/nan gradients by itself
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        else:
+            self._step_unless(~(torch.isfinite(loss) & torch.isfinite(grad_norm)))
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, float(grad_norm), lr
+        return loss, grad_norm, lr
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -272,7 +314,7 @@ class Trainer:
                 record["val_loss"] = self._estimate_loss(self.data.val, seed=t.seed + 1)
             if t.stop_metric == "train_full":
                 loss, count = split_loss(self.eval_model, self.data.train, self.block_size, t.batch_size,
-                                         self.rt, rank=self.rt.rank, world_size=self.world)
+                                         self.eval_rt, rank=self.rt.rank, world_size=self.world)
                 record["train_loss"] = loss
                 record["train_loss_tokens"] = count
             else:
@@ -295,12 +337,12 @@ class Trainer:
         return {
             "trainer": {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
                         "best_val": self.best_val, "last_train_loss": self.last_train_loss,
-                        "last_val_loss": self.last_val_loss, "last_eval_step": self.last_eval_step,
+                        "last_eval_train_loss": self.last_eval_train_loss, "last_val_loss": self.last_val_loss, "last_eval_step": self.last_eval_step,
                         "world_size": self.world, "accum": self.accum},
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "sampler": {k: int(v) if isinstance(v, (int, np.integer)) else v
-                        for k, v in self.sampler.state_dict().items()},
+                        for k, v in self.batches.state_dict().items()},
             "rng": rngs,
         }
 
@@ -313,12 +355,13 @@ class Trainer:
         self.step, self.tokens, self.elapsed = int(tr["step"]), int(tr["tokens"]), float(tr["elapsed"])
         self.best_val = float(tr["best_val"])
         self.last_train_loss, self.last_val_loss = tr["last_train_loss"], tr["last_val_loss"]
+        self.last_eval_train_loss = tr.get("last_eval_train_loss")  # absent in older checkpoints
         self.last_eval_step = int(tr["last_eval_step"])
         self.last_saved_step = self.step
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.sampler.load_state_dict(state["sampler"])
+        self.batches.load_state_dict(state["sampler"])
         rngs = state["rng"]
         # Same world size: each rank its own generators; otherwise rank 0's (not bit-exact then).
         set_rng_state(rngs[self.rt.rank] if len(rngs) == self.world else rngs[0])
@@ -346,6 +389,7 @@ class Trainer:
         record = self.evaluate()
         self.last_eval_step = self.step
         self.last_val_loss = record.get("val_loss", self.last_val_loss)
+        self.last_eval_train_loss = record.get("train_loss", self.last_eval_train_loss)
         self.log.log_eval(self.step, **record)
         self._interval = (time.perf_counter(), self.tokens)  # tokens/s counts training time only
         val = record.get("val_loss")
@@ -391,33 +435,97 @@ class Trainer:
         t = self.config.train
         sampler = BatchSampler(tokens, t.batch_size, self.block_size, mode="random", seed=seed,
                                rank=self.rt.rank, world_size=self.world)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float32, device=self.rt.device)
         for _ in range(t.eval_batches):
             x, y = sampler.next_batch()
-            with self.rt.autocast():
+            with self.eval_rt.autocast():
                 _, loss = self.eval_model(x.to(self.rt.device), y.to(self.rt.device))
-            total += float(loss)
-        return float(_sum_over_ranks(self.rt, [total])[0]) / (t.eval_batches * self.world)
+            total += loss.float()
+        return float(_sum_over_ranks(self.rt, [float(total)])[0]) / (t.eval_batches * self.world)
 
-    def _stop_on_nan(self, what: str, value: float) -> None:
+    def _stop_on_nan(self, what: str, value: float, step: int) -> None:
         latest = self.run_dir / ckpt.CHECKPOINTS / "latest"
         where = (f"the last good checkpoint is {latest} (step {self.last_saved_step})"
                  if self.last_saved_step >= 0 else "no checkpoint was saved yet")
-        self.log.event("stopped", reason="nan", metric=what, value=str(value), step=self.step + 1)
-        raise GptforgeError(f"the {what} became {value} at step {self.step + 1}; {where}; "
+        self.log.event("stopped", reason="nan", metric=what, value=str(value), step=step)
+        raise GptforgeError(f"the {what} became {value} at step {step} (that update was not applied); {where}; "
                             "lower optim.lr, set optim.grad_clip, or use train.dtype=bfloat16/float32")
+
+    # ------------------------------------------------------------------------------------ the device
+
+    def _step_unless(self, bad: torch.Tensor) -> None:
+        """optimizer.step() unless `bad` (a bool tensor on the device) is set, without reading it back:
+        fused optimizers take a found_inf flag and skip the update on the device, the mechanism
+        GradScaler uses. Others read the flag back (a host sync per step, as before)."""
+        if getattr(self.optimizer, "_step_supports_amp_scaling", False):
+            self.optimizer.found_inf = bad.to(torch.float32)  # type: ignore[attr-defined]
+            self.optimizer.grad_scale = None  # type: ignore[attr-defined]
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf, self.optimizer.grad_scale  # type: ignore[attr-defined]
+        elif not bool(bad):
+            self.optimizer.step()
+
+    def _watch_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Remember, on the device, the first update whose loss (or, without a GradScaler, gradient
+        norm) was not finite; _read_back turns it into the error that stops the run."""
+        bad_loss = ~torch.isfinite(loss)
+        bad = bad_loss if self.scaler.is_enabled() else bad_loss | ~torch.isfinite(grad_norm)
+        first = bad & (self._bad_step < 0)
+        self._bad_step = torch.where(first, self.step + 1, self._bad_step)
+        self._bad_what = torch.where(first, torch.where(bad_loss, 0, 1), self._bad_what)
+        self._bad_value = torch.where(first, torch.where(bad_loss, loss.float(), grad_norm.float()),
+                                      self._bad_value)
+
+    def _is_sync_step(self, stop_now: bool) -> bool:
+        """Whether this step reads its results back: log, evaluation and checkpoint steps, the last
+        step, and (in one process) a requested stop. Under DDP a Ctrl-C or max_time is agreed on at
+        the next such step, so every rank stops at the same one."""
+        t, s = self.config.train, self.step
+        return (s == 1 or s % t.log_every == 0 or s % t.eval_every == 0 or s % t.checkpoint_every == 0
+                or (t.max_steps is not None and s >= t.max_steps)
+                or (t.max_tokens is not None and self.tokens >= t.max_tokens)
+                or (stop_now and not self.rt.distributed))
+
+    def _read_back(self, loss: torch.Tensor, grad_norm: torch.Tensor, stop_requested: bool,
+                   time_up: bool) -> tuple[float, float, bool]:
+        """The host's view at a sync step: (mean loss over ranks, grad norm, interrupted). Every rank
+        agrees on the stop flags (one all-reduce); a non-finite update since the last sync raises."""
+        if self.rt.distributed:
+            flags = torch.stack([loss.detach().double(), torch.tensor(float(stop_requested), dtype=torch.float64,
+                                 device=loss.device), torch.tensor(float(time_up), dtype=torch.float64,
+                                 device=loss.device), (self._bad_step >= 0).double()])
+            loss_sum, stops, ups, bads = self.rt.all_reduce_sum(flags).tolist()
+            mean_loss, interrupted, self._time_up, any_bad = loss_sum / self.world, stops > 0, ups > 0, bads > 0
+        else:
+            mean_loss, interrupted, self._time_up = float(loss), stop_requested, time_up
+            any_bad = int(self._bad_step) >= 0
+        if any_bad:
+            step = int(self._bad_step)
+            if step < 0:  # another rank's loss
+                self._stop_on_nan("training loss", float("nan"), self.step)
+            what = "training loss" if int(self._bad_what) == 0 else "gradient norm"
+            self._stop_on_nan(what, float(self._bad_value), step)
+        return mean_loss, float(grad_norm), interrupted
+
+    def _synchronize(self) -> None:
+        if self.rt.device.type == "cuda":
+            torch.cuda.synchronize(self.rt.device)
+
 
     def _log_train(self, loss: float, grad_norm: float, lr: float) -> None:
         now = time.perf_counter()
         t0, tok0 = self._interval
-        dt = max(now - t0, 1e-9)
-        tps = (self.tokens - tok0) / dt
+        tps = (self.tokens - tok0) / max(now - t0, 1e-9) if self.tokens > tok0 else None
         self._interval = (now, self.tokens)
         fields = {"tokens": self.tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": tps, "elapsed_s": round(self.elapsed, 3)}
+                  "elapsed_s": round(self.elapsed, 3)}
+        if tps is not None:  # none right after the compile step, which is timed apart
+            fields["tokens_per_s"] = tps
         if self.config.data.sampling == "sequential":
-            fields["epoch"] = self.sampler.epoch
-        if self._peak_flops:
+            fields["epoch"] = self.batches.state_dict()["epoch"]
+        if self._peak_flops and tps is not None:
             from gptforge.train.metrics import mfu
 
             fields["mfu"] = mfu(self._flops_per_token, tps / self.world, self._peak_flops)
@@ -428,7 +536,7 @@ class Trainer:
         from gptforge.train.metrics import device_peak_flops
 
         self._flops_per_token = float(self.raw_model.flops_per_token())
-        self._peak_flops, peak_source = None, "unknown"
+        peak_source = "unknown"
         if self.rt.is_main:
             try:
                 # Measuring a CPU's peak draws random matrices: keep that off the training RNGs,
@@ -437,16 +545,20 @@ class Trainer:
                     self._peak_flops, peak_source = device_peak_flops(self.rt.device, self.rt.dtype)
             except Exception as e:  # MFU is a nicety; never fail a run over it
                 peak_source = f"unavailable ({type(e).__name__})"
+        self.log.mfu_basis = "vs measured GEMM" if peak_source.startswith("measured") else "vs datasheet peak"
         self._interval = (time.perf_counter(), self.tokens)
         self._last_logged_step = self.step
+        if self.restarted:
+            self.log.print(f"gptforge: {self.run_dir} saved no checkpoint before it stopped; starting it again "
+                           "from step 0 with its saved config")
         self.log.event(
-            "resumed" if self.step else "started", step=self.step, run_dir=str(self.run_dir),
+            "resumed" if self.step else ("restarted" if self.restarted else "started"), step=self.step, run_dir=str(self.run_dir),
             device=str(self.rt.device), dtype=str(self.rt.dtype).removeprefix("torch."), world_size=self.world,
             params=self.raw_model.num_params(), batch_size=self.config.train.batch_size,
             grad_accum_steps=self.accum, tokens_per_update=self.tokens_per_update, block_size=self.block_size,
             vocab_size=self.tokenizer.vocab_size, train_tokens=len(self.data.train),
             val_tokens=0 if self.data.val is None else len(self.data.val), peak_flops=self._peak_flops,
-            peak_flops_source=peak_source)
+            peak_flops_source=peak_source, mfu_basis=self.log.mfu_basis)
 
     def _finish(self) -> None:
         self.log.close()
@@ -461,17 +573,24 @@ class Trainer:
 
     def _info(self) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens, "train_loss": self.last_train_loss,
-                "val_loss": self.last_val_loss, "time": round(self.elapsed, 3)}
+                "eval_train_loss": self.last_eval_train_loss, "val_loss": self.last_val_loss,
+                "time": round(self.elapsed, 3)}
 
-    def _check_run_dir(self, resume: bool) -> None:
+    def _check_run_dir(self, resume: bool) -> bool:
+        """Whether the run directory holds a checkpoint to resume; refuses to overwrite a run."""
         latest = self.run_dir / ckpt.CHECKPOINTS / "latest"
+        has_checkpoint = latest.exists() or latest.with_name("latest.old").exists()
         if resume:
+            if not has_checkpoint and (self.run_dir / "config.toml").is_file():
+                return False  # killed before its first checkpoint: start it again (see __init__)
             ckpt.resolve_checkpoint(self.run_dir, "latest")  # clear error when there is none
-        elif latest.exists() or latest.with_name("latest.old").exists():
+        elif has_checkpoint:
             raise GptforgeError(f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir}, "
                                 "or pick another --out")
         elif (self.run_dir / "config.toml").exists():
-            raise GptforgeError(f"{self.run_dir} holds a run that saved no checkpoint; delete it or pick another --out")
+            raise GptforgeError(f"{self.run_dir} holds a run that saved no checkpoint yet; start it again with "
+                                f"--resume {self.run_dir}, or pick another --out")
+        return has_checkpoint
 
     def _prepare_data(self, resume: bool):
         from gptforge.data.tokens import prepare
@@ -493,6 +612,68 @@ class Trainer:
         latest = ckpt.resolve_checkpoint(self.run_dir, "latest")
         ckpt.load_weights(self.raw_model, latest, self.rt.device)
         self.load_state_dict(ckpt.load_state(latest, map_location=self.rt.device))
+
+
+# --------------------------------------------------------------------------------------------- run set-up
+
+DATA_IDENTITY = "data.json"
+
+
+def _frozen(config: Config) -> Config:
+    """A fresh run's config with what must not change on resume written out: the schedule's length
+    (resuming with a larger train.max_steps continues the same schedule instead of reshaping it) and
+    the corpus paths made absolute (so they mean the same files from any working directory)."""
+    config = copy.deepcopy(config)
+    if config.optim.decay_steps is None and config.optim.schedule == "cosine":
+        config.optim.decay_steps = config.decay_steps()
+    corpus = config.data.corpus
+    specs = [corpus] if isinstance(corpus, str) else list(corpus)
+    specs = [str(Path(c).expanduser().resolve()) if c != "-" and Path(c).expanduser().exists() else c
+             for c in specs]
+    config.data.corpus = specs[0] if isinstance(corpus, str) else specs
+    return config
+
+
+def _dir_sha256(directory: Path) -> str:
+    """sha256 over a directory's files (names and contents, sorted): a saved tokenizer's identity."""
+    h = hashlib.sha256()
+    for p in sorted(Path(directory).rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(directory).as_posix().encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+def save_data_identity(run_dir: Path, data: Any) -> None:
+    """RUN/data.json: the sha256 of the corpus text and of the run's tokenizer, and the split sizes, so
+    that resuming or evaluating on other data is refused instead of silently training on it."""
+    m = data.meta
+    identity = {"corpus_sha256": m["source_sha256"], "tokenizer_sha256": _dir_sha256(run_dir / "tokenizer"),
+                "tokenizer": m["tokenizer"], "sources": m.get("sources"), "train_tokens": m["train_tokens"],
+                "val_tokens": m["val_tokens"]}
+    ckpt.atomic_write_text(run_dir / DATA_IDENTITY, json.dumps(identity, indent=2) + "\n")
+
+
+def check_data_identity(run_dir: Path, data: Any) -> None:
+    """Raise GptforgeError when the corpus or tokenizer differs from the one the run recorded. Runs from
+    before data.json existed are not checked."""
+    path = Path(run_dir) / DATA_IDENTITY
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise GptforgeError(f"{path} is damaged; it records which data {run_dir} was trained on") from None
+    way_out = (f"restore that data, or continue on the new text in a new run: gptforge train --init {run_dir} "
+               "--out NEW_RUN ...")
+    now = data.meta["source_sha256"]
+    if recorded.get("corpus_sha256") != now:
+        raise GptforgeError(f"the corpus of {run_dir} changed: sha256 {str(recorded.get('corpus_sha256'))[:16]} when "
+                            f"it was trained, {now[:16]} now ({', '.join(data.meta.get('sources') or [])}); "
+                            + way_out)
+    tok_now = _dir_sha256(Path(run_dir) / "tokenizer")
+    if recorded.get("tokenizer_sha256") != tok_now:
+        raise GptforgeError(f"the tokenizer of {run_dir} changed: sha256 {str(recorded.get('tokenizer_sha256'))[:16]} "
+                            f"when it was trained, {tok_now[:16]} now ({Path(run_dir) / 'tokenizer'}); " + way_out)
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -559,12 +740,51 @@ def evaluate_run(run: str | Path, split: str = "val", which: str = "latest", dev
     d = config.data
     data = prepare(d.corpus, tokenizer=tokenizer, val_fraction=d.val_fraction,
                    bpe_vocab_size=d.bpe_vocab_size if d.tokenizer == "bpe" else None, **d.prepare_options())
+    check_data_identity(run_dir, data)
     tokens = data.train if split == "train" else data.val
     if tokens is None:
         raise GptforgeError(f"{run_dir} was trained without a validation split (data.val_fraction = 0); "
                             "use --split train")
     loss, count = split_loss(model, tokens, model.config.block_size, batch_size or config.train.batch_size, rt)
     return {"split": split, "loss": loss, "tokens": count, "checkpoint": str(path), "step": info.get("step")}
+
+
+# --------------------------------------------------------------------------------------------- batches
+
+
+class _Prefetcher:
+    """The training batches, one micro-batch ahead: the next one is drawn and copied to the device
+    (from pinned memory, asynchronously, on CUDA) while the device still computes the current step.
+
+    state_dict() is the sampler's position *before* the batch held in advance, so a checkpoint
+    resumes at the first batch not yet trained on and resume stays exact."""
+
+    def __init__(self, sampler: Any, device: torch.device) -> None:
+        self.sampler, self.device = sampler, device
+        self.pin = device.type == "cuda"
+        self._next: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._state_before_next: dict[str, Any] | None = None
+
+    def _fetch(self) -> None:
+        self._state_before_next = self.sampler.state_dict()
+        x, y = self.sampler.next_batch()
+        if self.pin:
+            x, y = x.pin_memory(), y.pin_memory()
+        self._next = (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._next is None:
+            self._fetch()
+        batch = self._next
+        self._fetch()
+        return batch  # type: ignore[return-value]
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self._state_before_next) if self._next is not None else self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+        self._next = self._state_before_next = None
 
 
 # --------------------------------------------------------------------------------------------- signals
