@@ -512,3 +512,12 @@ def test_each_input_format_prepares_and_trains(tmp_path, shakespeare_text, kind)
     assert data.reused and data.meta["documents"] == 12 and data.tokenizer.eot_id == 0
     assert data.meta["val_split"]["by"] == "documents"
     assert data.train.tolist().count(0) + data.val.tolist().count(0) == 11  # between documents
+
+
+def test_val_tokens_alone_keys_the_split(tmp_path):
+    src = tmp_path / "c.txt"
+    src.write_text("some text " * 300, encoding="utf-8")
+    first = prepare(str(src), tokenizer="char", val_tokens=500, val_fraction=0.1)
+    again = prepare(str(src), tokenizer="char", val_tokens=500, val_fraction=0.3)  # the fraction is ignored
+    assert again.reused and again.dir == first.dir and len(again.val) == 500
+    assert first.meta["val_fraction"] is None and first.meta["requested_val_tokens"] == 500

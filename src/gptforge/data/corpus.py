@@ -1,8 +1,14 @@
-"""Corpora: named ones (downloaded once, checksummed, cached), text files, directories, stdin.
+"""Corpora: named ones (downloaded once, checksummed, cached), text files, JSON Lines, Parquet,
+`datasets` directories, the Hugging Face Hub, directories, stdin.
 
-    from gptforge.data.corpus import load_corpus
+    from gptforge.data.corpus import load_corpus, open_corpus
     corpus = load_corpus("tinyshakespeare")          # or "notes.txt", ["a.txt", "b.txt"], "texts/", "-"
     print(corpus.name, len(corpus.text), corpus.sha256)
+    stream = open_corpus("owt/", text_field="text")  # any size: .txt/.jsonl/.jsonl.gz/.parquet files
+    for text, new_doc, nbytes in stream.pieces(): ...
+
+`load_corpus` holds the whole text (small corpora); `open_corpus` streams it, which is what
+`prepare` uses.
 
 A named corpus is looked for in $GPTFORGE_DATA_DIR/<name>/<file> (read-only copies, e.g. for offline
 machines and CI), then in the cache ($GPTFORGE_CACHE_DIR, default ~/.cache/gptforge) under

@@ -508,7 +508,7 @@ class Prepared:
     seconds: float = 0.0
 
 
-def _cache_key(name: str, sha256: str, spec: str, vocab_size: int | None, val_fraction: float,
+def _cache_key(name: str, sha256: str, spec: str, vocab_size: int | None, val_fraction: float | None,
                tokenizer_fingerprint: str | None, options: dict) -> str:
     request = {"format": DATA_FORMAT_VERSION, "sha256": sha256, "tokenizer": spec, "vocab_size": vocab_size,
                "val_fraction": val_fraction, "fingerprint": tokenizer_fingerprint, **options}
@@ -696,7 +696,8 @@ def prepare(
         raise GptforgeError(f"shard_tokens {shard_tokens} is out of range; choose a positive integer")
     if workers is not None and (not isinstance(workers, int) or workers < 0):
         raise GptforgeError(f"workers {workers} is out of range; choose 0 (no worker processes) or more")
-    val_fraction = float(val_fraction)
+    # val_tokens, when given, decides the split alone: the fraction must not change the cache key.
+    val_fraction = float(val_fraction) if val_tokens is None else None
     given = tokenizer if isinstance(tokenizer, Tokenizer) else None
     if given is not None and given.spec == "gpt2":
         # GPT-2's BPE is fixed, so a GPT-2 tokenizer object keys the cache like the name "gpt2".
@@ -757,7 +758,7 @@ def _remove(p: Path) -> None:
 
 
 def _prepare_new(stream: CorpusStream, d: Path, is_out: bool, key: str, spec: str, given: Tokenizer | None,
-                 requested_vocab: int | None, sample: int, expect: dict, val_fraction: float,
+                 requested_vocab: int | None, sample: int, expect: dict, val_fraction: float | None,
                  val_tokens: int | None, block_size: int | None, shard_tokens: int, workers: int,
                  progress: bool | None) -> Prepared:
     """Build the data in a work directory (`out/.partial`, or `.KEY.partial` beside the cache entry),
@@ -797,8 +798,8 @@ def _prepare_new(stream: CorpusStream, d: Path, is_out: bool, key: str, spec: st
                 _write_json(work / ".prepare.json", {"request": request, "expect": expect})
             shards = _encode_all(stream, tok, work, request, shard_tokens, workers, progress)
             n = sum(s["tokens"] for s in shards)
-            if val_tokens is not None or val_fraction > 0:
-                target = val_tokens if val_tokens is not None else int(n * val_fraction)
+            if val_tokens is not None or val_fraction:
+                target = val_tokens if val_tokens is not None else int(n * (val_fraction or 0))
                 target = min(target, n)
                 b, by = _choose_split(work / "shards", shards, n, target) if 0 < target < n else (n - target,
                                                                                                   "tokens")
