@@ -256,9 +256,14 @@ def test_damaged_shards(capsys, tmp_path, out):
 
 def test_hub_dataset_offline_is_one_clear_error(capsys, out, monkeypatch, data_dir):
     # Streaming from the Hub needs the internet (not tested here); offline it fails cleanly.
-    pytest.importorskip("datasets")
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants
+
+    # Read at import time, which an earlier test may have done: set the flags themselves too.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     err = run_error(capsys, "--corpus", "hf:someone/no-such-dataset", "--out", str(out))
     assert "cannot stream hf:someone/no-such-dataset from the Hugging Face Hub" in err
     assert_nothing_left(out)
