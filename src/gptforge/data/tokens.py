@@ -375,12 +375,28 @@ def _release_memory() -> None:
         _LIBC(0)
 
 
+def _exit_with_parent() -> None:
+    """A worker whose parent was killed (kill -9: no chance to shut the pool down) would wait for
+    work forever, holding the parent's output pipes open: exit as soon as it is orphaned."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="gptforge-parent-watch").start()
+
+
 def _worker_init(tokenizer_dir: str, dtype: str) -> None:
     """Runs in each worker process: one thread each (the workers are the parallelism). Ctrl-C is the
     parent's to handle: it stops reading, lets the workers finish their chunk and keeps the shards."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent()
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from gptforge.data import tokenizers
