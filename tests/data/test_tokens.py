@@ -521,3 +521,13 @@ def test_val_tokens_alone_keys_the_split(tmp_path):
     again = prepare(str(src), tokenizer="char", val_tokens=500, val_fraction=0.3)  # the fraction is ignored
     assert again.reused and again.dir == first.dir and len(again.val) == 500
     assert first.meta["val_fraction"] is None and first.meta["requested_val_tokens"] == 500
+
+
+def test_a_corpus_object_prepares_like_its_file(tmp_path):
+    src = tmp_path / "c.txt"
+    src.write_text("in memory or on disk, the same tokens\n" * 40, encoding="utf-8")
+    from_file = prepare(str(src), tokenizer="char", out=tmp_path / "a")
+    from_memory = prepare(load_corpus(str(src)), tokenizer="char", out=tmp_path / "b")
+    assert from_memory.train.tolist() == from_file.train.tolist() and from_memory.val.tolist() == from_file.val.tolist()
+    assert from_memory.meta["source_sha256"] == from_file.meta["source_sha256"]
+    assert from_memory.meta["sources"] == from_file.meta["sources"] == [str(src)]
