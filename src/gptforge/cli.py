@@ -24,27 +24,43 @@ from gptforge.errors import GptforgeError
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prepare", help="tokenize a corpus into cached token files",
-        description="Tokenize a corpus into memory-mapped train/val token files (cached and reused "
-        "while the text and tokenizer stay the same).",
+        description="Tokenize a corpus into sharded, memory-mapped token files (cached and reused while the "
+        "text and tokenizer stay the same). The corpus is streamed, so any size fits in memory; an "
+        "interrupted prepare continues from its finished shards when run again.",
         epilog="examples:\n  gptforge prepare --corpus tinyshakespeare --tokenizer gpt2\n"
         "  gptforge prepare --corpus notes/ extra.txt --tokenizer bpe --bpe-vocab-size 8192\n"
+        "  gptforge prepare --corpus owt/ --tokenizer gpt2 --val-tokens 5000000 --out data/owt\n"
+        "  gptforge prepare --corpus fineweb/000_00000.parquet --text-field text --out data/fw\n"
         "  cat book.txt | gptforge prepare --corpus - --tokenizer char --out data/book",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--corpus", nargs="+", default=["tinyshakespeare"], metavar="SOURCE",
-                   help="a named corpus (tinyshakespeare), text files, directories of .txt files, or - for "
-                   "stdin; several are joined in order (default: tinyshakespeare)")
+                   help="a named corpus (tinyshakespeare), text files, .jsonl/.jsonl.gz/.parquet files, "
+                   "directories of those, a directory saved by Hugging Face datasets (DIR or DIR:SPLIT), "
+                   "hf:NAME[:CONFIG][@SPLIT] streamed from the Hub, or - for stdin; several are read in order "
+                   "(default: tinyshakespeare)")
     p.add_argument("--tokenizer", default="gpt2", metavar="{gpt2,char,bpe}",
                    help="gpt2: GPT-2's BPE (tiktoken); char: one id per character of the corpus; bpe: a "
-                   "byte-level BPE trained on the corpus (default: gpt2)")
+                   "byte-level BPE trained on (a sample of) the corpus (default: gpt2)")
     p.add_argument("--bpe-vocab-size", type=int, default=None, metavar="N",
                    help="vocabulary size of the trained bpe tokenizer, 257..65536 (default: 4096)")
+    p.add_argument("--bpe-sample-bytes", default=None, metavar="SIZE",
+                   help="train the bpe tokenizer on a seeded random sample of this much text, e.g. 64MB or "
+                   "1GiB (default: 64MiB; all of a smaller corpus)")
+    p.add_argument("--text-field", default="text", metavar="NAME",
+                   help="the JSON field or column that holds each document's text in .jsonl, .parquet and "
+                   "datasets inputs (default: text)")
     p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
-                   help="fraction of the tokens, taken from the end, kept for validation; 0 = no "
-                   "validation split (default: 0.1)")
+                   help="fraction of the tokens, taken from the end (whole documents when a document "
+                   "boundary is near), kept for validation; 0 = no validation split (default: 0.1)")
+    p.add_argument("--val-tokens", type=int, default=None, metavar="N",
+                   help="keep about N tokens for validation instead of a fraction (default: use --val-fraction)")
     p.add_argument("--block-size", type=int, default=256, metavar="T",
                    help="context length you will train with: each split must hold at least one window "
                    "of T+1 tokens (default: 256)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="tokenizer processes; 0 = tokenize in this process (default: one per CPU core, none "
+                   "for corpora under 16 MB)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write the files here instead of the cache ($GPTFORGE_CACHE_DIR/tokens/...)")
     p.set_defaults(func=_run_prepare)
@@ -54,19 +70,24 @@ def _run_prepare(args: argparse.Namespace) -> None:
     from gptforge.data.tokens import prepare
 
     data = prepare(args.corpus, tokenizer=args.tokenizer, val_fraction=args.val_fraction, out=args.out,
-                   bpe_vocab_size=args.bpe_vocab_size, block_size=args.block_size)
+                   bpe_vocab_size=args.bpe_vocab_size, block_size=args.block_size, text_field=args.text_field,
+                   val_tokens=args.val_tokens, bpe_sample_bytes=args.bpe_sample_bytes, workers=args.workers)
     m = data.meta
     eot = f", end-of-text id {m['eot_id']}" if m["eot_id"] is not None else ""
     val = f"{m['val_tokens']:,} validation" if m["val_tokens"] else "no validation split"
-    files = ", ".join(n for n in ("train.bin", "val.bin", "meta.json", "tokenizer/")
-                      if (data.dir / n.rstrip("/")).exists())
     how = "reused (meta.json matched)" if data.reused else "prepared"
-    n_src = len(m["sources"])
+    n_src, n_shards = len(m["sources"]), len(m["shards"])
     print(f"corpus      {m['corpus']} ({n_src} source{'s' * (n_src != 1)}, sha256 {m['source_sha256'][:12]})")
-    print(f"characters  {m['characters']:,} ({m['distinct_characters']:,} distinct)")
+    print(f"characters  {m['characters']:,} ({m['distinct_characters']:,} distinct) in "
+          f"{m['documents']:,} document{'s' * (m['documents'] != 1)}")
     print(f"tokenizer   {m['tokenizer']}, vocabulary {m['vocab_size']:,}{eot}")
     print(f"tokens      {m['tokens']:,}: {m['train_tokens']:,} train, {val} ({m['dtype']})")
-    print(f"files       {data.dir} ({files})")
+    if m["val_tokens"]:
+        docs = m["val_split"]["documents"]
+        print("validation  " + (f"the last {docs:,} whole document{'s' * (docs != 1)}"
+                                if m["val_split"]["by"] == "documents" else
+                                f"the last {m['val_tokens']:,} tokens (cut inside a document)"))
+    print(f"files       {data.dir} (meta.json, tokenizer/, shards/: {n_shards} shard{'s' * (n_shards != 1)})")
     print(f"cache       {how} in {data.seconds:.2f} s")
 
 

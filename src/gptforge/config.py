@@ -93,10 +93,27 @@ class DataConfig:
     """Fraction of the tokens (the end of the corpus) held out for validation, 0 <= f < 1."""
     sampling: str = "random"
     """Training windows: "random" offsets, or "sequential" epochs walking the tokens in order."""
+    text_field: str = "text"
+    """The JSON field / column holding each document's text in .jsonl, .parquet and datasets corpora."""
+    val_tokens: int | None = None
+    """Hold out about this many tokens (whole documents where possible) for validation instead of val_fraction."""
+    bpe_sample_bytes: int | None = None
+    """Train a "bpe" tokenizer on a seeded sample of at most this many bytes of text (default 64 MiB)."""
+
+    def prepare_options(self) -> dict:
+        """The keyword arguments of gptforge.data.prepare that this section sets beyond the positional ones."""
+        return {"text_field": self.text_field, "val_tokens": self.val_tokens,
+                "bpe_sample_bytes": self.bpe_sample_bytes if self.tokenizer == "bpe" else None}
 
     def validate(self) -> None:
         _choice("data.tokenizer", self.tokenizer, ("gpt2", "char", "bpe"))
         _choice("data.sampling", self.sampling, ("random", "sequential"))
+        if not self.text_field:
+            raise GptforgeError("data.text_field is empty; name the field that holds the text (e.g. text)")
+        for name in ("val_tokens", "bpe_sample_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise GptforgeError(f"data.{name} = {value} is invalid; it must be a positive integer (or unset)")
         if isinstance(self.corpus, list) and not self.corpus:
             raise GptforgeError("data.corpus is an empty list; name at least one corpus, file or directory")
         for spec in self.corpus if isinstance(self.corpus, list) else [self.corpus]:
@@ -264,7 +281,8 @@ class Config:
             _check_types(name, section)
             section.validate()
         t = self.train
-        if t.stop_metric == "val" and t.stop_at_loss is not None and self.data.val_fraction == 0:
+        if (t.stop_metric == "val" and t.stop_at_loss is not None and self.data.val_fraction == 0
+                and self.data.val_tokens is None):
             raise GptforgeError("train.stop_metric = 'val' needs a validation split; set data.val_fraction > 0 "
                                 "or train.stop_metric = 'train_full'")
         if not self.train.init:  # with init, the unset model fields come from the weights

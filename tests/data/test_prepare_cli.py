@@ -12,7 +12,8 @@ import pytest
 from gptforge.cli import main
 from gptforge.data.corpus import CORPORA, NamedCorpus, cache_dir
 from gptforge.data.tokenizers import load_tokenizer
-from gptforge.data.tokens import read_tokens
+from gptforge.data.tokens import load_prepared
+from gptforge.errors import GptforgeError
 
 
 def run_ok(capsys, *argv: str) -> str:
@@ -39,6 +40,7 @@ def test_gpt2_summary_then_cache_reuse(capsys, data_dir, tmp_path):
     out = run_ok(capsys, "--corpus", "tinyshakespeare", "--tokenizer", "gpt2")
     assert "338,025" in out and "vocabulary 50,257" in out and "1,115,394" in out
     assert "304,223 train, 33,802 validation (uint16)" in out and "prepared" in out
+    assert "1 document\n" in out and "the last 33,802 tokens (cut inside a document)" in out
     assert str(cache_dir() / "tokens") in out
     assert "reused" in run_ok(capsys, "--corpus", "tinyshakespeare", "--tokenizer", "gpt2")
 
@@ -47,7 +49,7 @@ def test_char_summary(capsys, data_dir, tmp_path):
     out = run_ok(capsys, "--tokenizer", "char", "--out", str(tmp_path / "char"))
     assert "vocabulary 65" in out and "(65 distinct)" in out and "1,115,394:" in out
     assert str(tmp_path / "char") in out
-    assert len(read_tokens(tmp_path / "char" / "train.bin")) == 1_003_855
+    assert len(load_prepared(tmp_path / "char").train) == 1_003_855
 
 
 def test_bpe_trains_saves_reloads_and_round_trips(capsys, data_dir, tmp_path, shakespeare_text):
@@ -56,8 +58,8 @@ def test_bpe_trains_saves_reloads_and_round_trips(capsys, data_dir, tmp_path, sh
     assert "tokenizer   bpe, vocabulary 2,000" in out
     tok = load_tokenizer(out_dir / "tokenizer")
     assert tok.vocab_size == 2000
-    train, val = read_tokens(out_dir / "train.bin"), read_tokens(out_dir / "val.bin")
-    assert tok.decode(train.tolist()) + tok.decode(val.tolist()) == shakespeare_text
+    data = load_prepared(out_dir)
+    assert tok.decode(data.train.tolist()) + tok.decode(data.val.tolist()) == shakespeare_text
 
 
 def test_several_sources_and_stdin(capsys, tmp_path, monkeypatch):
@@ -78,7 +80,8 @@ def test_help_explains_every_option(capsys):
         main(["prepare", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--corpus", "--tokenizer", "--bpe-vocab-size", "--val-fraction", "--block-size", "--out"):
+    for option in ("--corpus", "--tokenizer", "--bpe-vocab-size", "--val-fraction", "--block-size", "--out",
+                   "--text-field", "--val-tokens", "--bpe-sample-bytes", "--workers", ".jsonl", ".parquet"):
         assert option in text
     assert text.count("default") >= 5
 
@@ -175,4 +178,92 @@ def test_download_checksum_mismatch(capsys, tmp_path, monkeypatch, out):
     bad_sha = hashlib.sha256(fake.read_bytes()).hexdigest()
     assert f"has sha256 {bad_sha[:16]}" in err and "deleted" in err
     assert list((cache_dir() / "downloads" / "tinyshakespeare").iterdir()) == []
+    assert_nothing_left(out)
+
+
+def test_jsonl_line_that_is_not_json(capsys, tmp_path, out):
+    src = tmp_path / "web.jsonl"
+    src.write_text('{"text": "a fine document"}\n' * 3 + '{"text": "cut off mid-\n', encoding="utf-8")
+    err = run_error(capsys, "--corpus", str(src), "--out", str(out))
+    assert f"{src} line 4 is not JSON (Invalid control character" in err
+    assert_nothing_left(out)
+
+
+def test_jsonl_line_without_the_text_field(capsys, tmp_path, out):
+    src = tmp_path / "web.jsonl"
+    src.write_text('{"content": "ab"}\n', encoding="utf-8")
+    err = run_error(capsys, "--corpus", str(src), "--tokenizer", "char", "--out", str(out))
+    assert f"{src} line 1 has no 'text' field; name the field that holds the text with --text-field" in err
+    assert_nothing_left(out)
+    # The same file read with the right field prepares.
+    ok = run_ok(capsys, "--corpus", str(src), "--text-field", "content", "--tokenizer", "char", "--block-size",
+                "1", "--val-fraction", "0", "--out", str(out))
+    assert "1 document" in ok
+
+
+def test_parquet_without_the_column(capsys, tmp_path, out):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "fw.parquet"
+    pq.write_table(pa.table({"content": ["x"], "url": ["u"]}), src)
+    err = run_error(capsys, "--corpus", str(src), "--out", str(out))
+    assert f"{src} has no column 'text' (columns: content, url)" in err and "--text-field" in err
+    assert_nothing_left(out)
+
+
+def test_an_error_mid_corpus_leaves_nothing_and_keeps_older_data(capsys, tmp_path, out, monkeypatch):
+    from gptforge.data import tokens as tokens_mod
+
+    good = tmp_path / "good.txt"
+    good.write_text("hello there " * 100, encoding="utf-8")
+    run_ok(capsys, "--corpus", str(good), "--tokenizer", "char", "--block-size", "8", "--out", str(out))
+    before = sorted(p.name for p in out.rglob("*"))
+    monkeypatch.setattr(tokens_mod, "CHUNK_CHARS", 64)  # several chunks: the bad line comes after shards
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine and long enough to fill a chunk of sixty-four characters"}\n' * 20
+                   + "not json\n", encoding="utf-8")
+    err = run_error(capsys, "--corpus", str(bad), "--tokenizer", "char", "--block-size", "8", "--out", str(out))
+    assert "bad.jsonl line 21 is not JSON" in err
+    assert sorted(p.name for p in out.rglob("*")) == before  # the earlier data is untouched, no .partial
+    assert "reused" in run_ok(capsys, "--corpus", str(good), "--tokenizer", "char", "--block-size", "8",
+                              "--out", str(out))
+
+
+def test_damaged_shards(capsys, tmp_path, out):
+    src = tmp_path / "a.txt"
+    src.write_text("to be or not to be " * 200, encoding="utf-8")
+    args = ("--corpus", str(src), "--tokenizer", "char", "--block-size", "8", "--out", str(out))
+    run_ok(capsys, *args)
+    shard = out / "shards" / "00000.bin"
+    # Truncated: the source is at hand, so it is prepared again (and says so).
+    shard.write_bytes(shard.read_bytes()[:-7])
+    main(["prepare", *args])
+    captured = capsys.readouterr()
+    assert "is damaged" in captured.err and "preparing it again" in captured.err and "prepared in" in captured.out
+    assert len(load_prepared(out).train) == 3420
+    # Unreadable (here: a directory where the file should be): one line, exit 2.
+    shard.unlink()
+    shard.mkdir()
+    err = run_error(capsys, *args)
+    assert f"cannot read token file {shard}" in err
+    # Reading a damaged prepared directory directly is one clear error too.
+    shard.rmdir()
+    shard.write_bytes(b"GPTFTOK\x00 junk")
+    with pytest.raises(GptforgeError, match="token file .*00000.bin is truncated"):
+        load_prepared(out)
+
+
+def test_hub_dataset_offline_is_one_clear_error(capsys, out, monkeypatch, data_dir):
+    # Streaming from the Hub needs the internet (not tested here); offline it fails cleanly.
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants
+
+    # Read at import time, which an earlier test may have done: set the flags themselves too.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    err = run_error(capsys, "--corpus", "hf:someone/no-such-dataset", "--out", str(out))
+    assert "cannot stream hf:someone/no-such-dataset from the Hugging Face Hub" in err
     assert_nothing_left(out)

@@ -96,12 +96,30 @@ def test_char_known_facts_and_unknown_characters(shakespeare_text):
 
 def test_bpe_learns_merges_and_round_trips(bpe, shakespeare_text):
     # (The whole corpus, trained at full size, round-trips in test_prepare_cli's bpe test.)
-    assert (bpe.spec, bpe.vocab_size, bpe.eot_id) == ("bpe", 512, None)
+    # Id 0 is reserved for <|endoftext|>, the document separator.
+    assert (bpe.spec, bpe.vocab_size, bpe.eot_id) == ("bpe", 512, 0)
     text = shakespeare_text[-300_000:]  # mostly text it was not trained on
     ids = bpe.encode_to_array(text)
-    assert ids.max() < 512 and len(set(ids.tolist())) > 256
-    assert len(ids) < 0.6 * len(text)  # it learned merges (256 of them: ~1.9 characters a token)
+    assert ids.max() < 512 and len(set(ids.tolist())) > 256 and 0 not in ids
+    assert len(ids) < 0.6 * len(text)  # it learned merges (255 of them: ~1.9 characters a token)
     assert bpe.decode(ids.tolist()) == text
+    assert bpe.decode([0]) == "<|endoftext|>"
+    # As with GPT-2's, the separator's text in a corpus is ordinary characters, never the id, also
+    # after a save and load (tokenizer.json does not store that setting).
+    literal = "the end<|endoftext|>begin"
+    assert 0 not in bpe.encode(literal) and bpe.decode(bpe.encode(literal)) == literal
+
+
+def test_batch_arrays_equal_one_by_one(gpt2, bpe, shakespeare_text, monkeypatch):
+    from gptforge.data import tokenizers as tok_mod
+
+    texts = [shakespeare_text[:5000], "", "ROMEO: <|endoftext|> x", shakespeare_text[-7000:]]
+    char = build_tokenizer("char", shakespeare_text + "<|>")
+    for threads in (None, 1):  # in process (threads) and as in a worker process
+        monkeypatch.setattr(tok_mod, "MAX_THREADS", threads)
+        for tok in (gpt2, bpe, char):
+            arrays = tok.encode_batch_arrays(texts)
+            assert [a.tolist() for a in arrays] == [tok.encode(t) for t in texts]
 
 
 @pytest.mark.parametrize("size", [0, 256, 65537, -5])

@@ -60,13 +60,15 @@ def test_prepare_gpt2_shakespeare(data_dir):
     assert (m["train_tokens"], m["val_tokens"]) == (338_025 - 33_802, 33_802)  # val = last 10%
     assert m["source_sha256"].startswith("86c4e6aa9db7") and m["characters"] == 1_115_394
     assert len(data.train) == m["train_tokens"] and len(data.val) == m["val_tokens"]
-    assert isinstance(data.train, np.memmap) and not data.reused
+    assert isinstance(data.train, np.memmap) and not data.reused  # one shard: the memory map itself
     # The split is at the end: train + val is the one-shot encoding, in order.
     text = load_corpus("tinyshakespeare").text
     ids = data.tokenizer.encode(text)
     assert data.train[:50].tolist() == ids[:50] and data.val[-50:].tolist() == ids[-50:]
-    assert sorted(p.name for p in data.dir.iterdir()) == ["meta.json", "tokenizer", "train.bin", "val.bin"]
+    assert sorted(p.name for p in data.dir.iterdir()) == ["meta.json", "shards", "tokenizer"]
     assert json.loads((data.dir / "meta.json").read_text()) == m
+    assert m["shards"] == [{"file": "shards/00000.bin", "tokens": 338_025, "documents": 1}]
+    assert m["documents"] == 1 and m["val_split"] == {"by": "tokens", "documents": 0}  # one document: cut
 
 
 def test_cache_reuse_and_invalidation(tmp_path):
@@ -119,10 +121,10 @@ def test_out_dir_is_rewritten_when_meta_does_not_match(tmp_path):
     data = prepare(str(b), tokenizer="char", out=out)
     assert not data.reused and data.meta["source_sha256"] == load_corpus(str(b)).sha256
     assert data.tokenizer.decode(data.train[:4].tolist()) == "xyz "
-    assert (out / "val.bin").exists()
+    assert data.val is not None and data.meta["val_tokens"] == 120
     no_val = prepare(str(b), tokenizer="char", out=out, val_fraction=0)
-    assert not no_val.reused and no_val.val is None
-    assert not (out / "val.bin").exists()  # a stale validation split is not left beside the new one
+    assert not no_val.reused and no_val.val is None and no_val.meta["val_tokens"] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "shards", "tokenizer"]  # nothing stale
 
 
 def test_interrupted_or_damaged_prepare_is_not_trusted(tmp_path, monkeypatch):
@@ -130,26 +132,25 @@ def test_interrupted_or_damaged_prepare_is_not_trusted(tmp_path, monkeypatch):
     src.write_text("hello world, " * 200, encoding="utf-8")
     out = tmp_path / "out"
 
-    # A crash while writing val.bin: an error, and nothing left that a later run would trust.
-    real_write = tokens_mod.write_tokens
+    # A crash while finishing a shard: an error, and nothing left that a later run would trust.
+    real_finish = tokens_mod._ShardWriter.finish
 
-    def crash_on_val(path, *args, **kwargs):
-        if path.name == "val.bin":
-            raise OSError(28, "No space left on device")
-        return real_write(path, *args, **kwargs)
+    def disk_full(self, chunk_end):
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(tokens_mod, "write_tokens", crash_on_val)
+    monkeypatch.setattr(tokens_mod._ShardWriter, "finish", disk_full)
     with pytest.raises(GptforgeError, match="No space left on device"):
         prepare(str(src), tokenizer="char", out=out)
     assert not out.exists()
-    monkeypatch.setattr(tokens_mod, "write_tokens", real_write)
+    monkeypatch.setattr(tokens_mod._ShardWriter, "finish", real_finish)
 
     data = prepare(str(src), tokenizer="char", out=out)
     (out / "meta.json").unlink()  # as if killed before the last rename
     assert not prepare(str(src), tokenizer="char", out=out).reused
     data = prepare(str(src), tokenizer="char", out=out)
     assert data.reused
-    (out / "train.bin").write_bytes((out / "train.bin").read_bytes()[:-2])  # truncated
+    shard = out / "shards" / "00000.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])  # truncated
     again = prepare(str(src), tokenizer="char", out=out)
     assert not again.reused and len(again.train) == again.meta["train_tokens"]
 
@@ -159,7 +160,6 @@ def test_val_fraction_zero_and_validation(tmp_path):
     src.write_text("some text " * 100, encoding="utf-8")
     data = prepare(str(src), tokenizer="char", val_fraction=0, out=tmp_path / "o")
     assert data.val is None and data.meta["val_tokens"] == 0 and len(data.train) == 1000
-    assert not (tmp_path / "o" / "val.bin").exists()
     for bad in (1.0, -0.1, 1.5):
         with pytest.raises(GptforgeError, match="val_fraction .* out of range"):
             prepare(str(src), tokenizer="char", val_fraction=bad)
@@ -278,3 +278,256 @@ def test_sampler_reads_a_prepared_memmap(tmp_path):
     write_tokens(p, np.arange(70_000) % 65_537, 65_537)  # uint32 file
     x, y = BatchSampler(read_tokens(p), 2, 32, seed=0).next_batch()
     assert x.dtype == torch.int64 and torch.equal(y[:, :-1], x[:, 1:])
+
+
+# --------------------------------------------------------------------------------------------- shards, streaming
+
+import gzip  # noqa: E402
+
+from gptforge.data.tokens import ShardedTokens, load_prepared  # noqa: E402
+
+
+def _jsonl(path, docs, field="text"):
+    data = "".join(json.dumps({field: d}) + "\n" for d in docs).encode()
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    return path
+
+
+def _docs(shakespeare_text, n=40, size=2_000):
+    """n different documents cut from Tiny Shakespeare."""
+    return [shakespeare_text[i * size:(i + 1) * size].strip() for i in range(n)]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of ~1 KB of text, so that a few KB of corpus spread over several shards."""
+    monkeypatch.setattr(tokens_mod, "CHUNK_CHARS", 1024)
+
+
+def _expected_gpt2(tok, docs):
+    """Each document's tokens, an end-of-text token between documents (none after the last)."""
+    ids = []
+    for i, d in enumerate(docs):
+        ids += ([tok.eot_id] if i else []) + tok.encode(d)
+    return ids
+
+
+def test_documents_end_with_end_of_text_and_shards_round_trip(tmp_path, data_dir, shakespeare_text, small_chunks):
+    docs = _docs(shakespeare_text)
+    src = _jsonl(tmp_path / "docs.jsonl", docs)
+    data = prepare(str(src), tokenizer="gpt2", shard_tokens=3_000, val_fraction=0.1, out=tmp_path / "o")
+    m = data.meta
+    expected = _expected_gpt2(data.tokenizer, docs)
+    assert len(m["shards"]) >= 5 and all(s["tokens"] >= 3_000 for s in m["shards"][:-1])
+    assert sum(s["tokens"] for s in m["shards"]) == m["tokens"] == len(expected)
+    assert isinstance(data.train, ShardedTokens) and isinstance(data.val, ShardedTokens)
+    assert data.train.tolist() + data.val.tolist() == expected  # train then val: the whole corpus in order
+    assert expected.count(50256) == len(docs) - 1 and m["documents"] == len(docs)
+    # Validation is whole documents from the end: it starts just after an end-of-text token.
+    assert m["val_split"] == {"by": "documents", "documents": 4}
+    assert data.train[-1] == 50256 and data.tokenizer.decode(data.val.tolist()).startswith(docs[-4])
+    assert abs(m["val_tokens"] - 0.1 * m["tokens"]) < 0.05 * m["tokens"]
+    # Reloaded without the source: the same tokens; each shard file is a token file of its own.
+    again = load_prepared(tmp_path / "o")
+    assert again.train.tolist() == data.train.tolist() and again.meta == m
+    assert [len(read_tokens(tmp_path / "o" / s["file"])) for s in m["shards"]] == [s["tokens"] for s in m["shards"]]
+    assert prepare(str(src), tokenizer="gpt2", shard_tokens=3_000, out=tmp_path / "o").reused
+
+
+def test_val_tokens_and_char_streaming(tmp_path, shakespeare_text, small_chunks):
+    docs = _docs(shakespeare_text, n=10)
+    src = _jsonl(tmp_path / "docs.jsonl.gz", docs)
+    data = prepare(str(src), tokenizer="char", val_tokens=2_000, shard_tokens=2_500)
+    # No end-of-text token: documents are joined by a newline, as text files always were.
+    joined = "\n".join(docs)
+    assert data.tokenizer.decode(data.train.tolist() + data.val.tolist()) == joined
+    assert data.meta["vocab_size"] == len(set(joined)) == data.meta["distinct_characters"]
+    assert data.meta["characters"] == len(joined) and data.meta["eot_id"] is None
+    # ~2,000 tokens as whole documents: the last one (its newline separator stays with train).
+    assert data.meta["val_split"] == {"by": "documents", "documents": 1}
+    assert data.tokenizer.decode(data.val.tolist()) == docs[-1] and data.meta["val_tokens"] == len(docs[-1])
+    assert data.meta["requested_val_tokens"] == 2_000
+    assert not prepare(str(src), tokenizer="char", val_tokens=3_000, shard_tokens=2_500).reused
+
+
+class _Count:
+    def __init__(self, monkeypatch):
+        self.chunks = 0
+        real = tokens_mod._encode_chunk
+
+        def counting(*args):
+            self.chunks += 1
+            return real(*args)
+
+        monkeypatch.setattr(tokens_mod, "_encode_chunk", counting)
+
+
+@pytest.mark.parametrize("where", ["out", "cache"])
+def test_an_interrupted_prepare_resumes_from_its_finished_shards(tmp_path, shakespeare_text, small_chunks,
+                                                                  monkeypatch, where):
+    docs = _docs(shakespeare_text)
+    src = _jsonl(tmp_path / "docs.jsonl", docs)
+    out = tmp_path / "o" if where == "out" else None
+    kwargs = dict(tokenizer="bpe", bpe_vocab_size=300, shard_tokens=4_000, out=out)
+    reference = prepare(str(src), **{**kwargs, "out": tmp_path / "reference"})
+
+    real_finish = tokens_mod._ShardWriter.finish
+    finished = []
+
+    def ctrl_c_after_three(self, chunk_end):
+        if len(finished) == 3:
+            raise KeyboardInterrupt
+        real_finish(self, chunk_end)
+        finished.append(self.index)
+
+    monkeypatch.setattr(tokens_mod._ShardWriter, "finish", ctrl_c_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(src), **kwargs)
+    monkeypatch.setattr(tokens_mod._ShardWriter, "finish", real_finish)
+    work = out / ".partial" if out else next((cache_dir() / "tokens").glob(".*.partial"))
+    assert sorted(p.name for p in (work / "shards").iterdir()) == [
+        "00000.bin", "00000.json", "00001.bin", "00001.json", "00002.bin", "00002.json"]  # no half shard
+    assert out is None or not (out / "meta.json").exists()
+
+    # A half-written shard (as if killed mid-write) is not trusted: its .json never got written.
+    (work / "shards" / "00002.json").unlink()
+    # And a truncated one (a disk error) neither: only shard 00000 is kept.
+    bin1 = work / "shards" / "00001.bin"
+    bin1.write_bytes(bin1.read_bytes()[:-3])
+    count = _Count(monkeypatch)
+    data = prepare(str(src), **kwargs)
+    resumed_chunks = count.chunks
+    assert not data.reused and not work.exists()
+    assert data.train.tolist() + data.val.tolist() == reference.train.tolist() + reference.val.tolist()
+    assert data.meta["shards"] == reference.meta["shards"]
+    # Only what the trusted shard did not hold was tokenized again, with the saved tokenizer.
+    count.chunks = 0
+    prepare(str(src), **{**kwargs, "out": tmp_path / "again"})
+    assert 0 < resumed_chunks < count.chunks
+
+
+def test_worker_processes_give_the_same_tokens(tmp_path, data_dir, shakespeare_text, small_chunks):
+    src = _jsonl(tmp_path / "docs.jsonl", _docs(shakespeare_text, n=12))
+    one = prepare(str(src), tokenizer="gpt2", workers=0, shard_tokens=2_000, out=tmp_path / "a")
+    two = prepare(str(src), tokenizer="gpt2", workers=2, shard_tokens=2_000, out=tmp_path / "b")
+    assert two.train.tolist() == one.train.tolist() and two.val.tolist() == one.val.tolist()
+    assert {k: v for k, v in two.meta.items() if k != "key"} == {k: v for k, v in one.meta.items() if k != "key"}
+
+
+def test_bpe_trains_on_a_bounded_seeded_sample(tmp_path, shakespeare_text, small_chunks):
+    src = _jsonl(tmp_path / "docs.jsonl", _docs(shakespeare_text, n=40))
+    full = prepare(str(src), tokenizer="bpe", bpe_vocab_size=400)
+    sampled = prepare(str(src), tokenizer="bpe", bpe_vocab_size=400, bpe_sample_bytes="8kB")
+    again = prepare(str(src), tokenizer="bpe", bpe_vocab_size=400, bpe_sample_bytes=8000, out=tmp_path / "o")
+    assert sampled.meta["bpe_sample_bytes"] == 8000 and sampled.dir != full.dir
+    assert again.tokenizer.hf.to_str() == sampled.tokenizer.hf.to_str()  # seeded: the same sample
+    assert sampled.tokenizer.hf.to_str() != full.tokenizer.hf.to_str()
+    # Trained on less text, it still encodes all of it, losslessly, separated by end-of-text.
+    text = sampled.tokenizer.decode(sampled.train.tolist() + sampled.val.tolist())
+    assert text == "<|endoftext|>".join(_docs(shakespeare_text, n=40))
+    assert len(sampled.train) + len(sampled.val) > len(full.train) + len(full.val)  # fewer merges learned
+
+
+def test_sharded_tokens_reads_like_an_array():
+    shards = [np.arange(0, 5, dtype=np.uint16), np.arange(5, 12, dtype=np.uint16), np.arange(12, 20, dtype=np.uint16)]
+    whole = np.arange(20)
+    for start, stop in ((0, 20), (3, 17), (5, 12)):
+        view, ref = ShardedTokens(shards, start, stop), whole[start:stop]
+        assert len(view) == len(ref) and np.asarray(view).tolist() == ref.tolist()
+        for a, b in ((0, 4), (1, 9), (-6, None), (None, -3), (4, 4), (0, 100), (8, 2)):
+            assert view[a:b].tolist() == ref[a:b].tolist(), (start, stop, a, b)
+        assert view[::3].tolist() == ref[::3].tolist() and view[-1] == ref[-1] and view[0] == ref[0]
+        idx = np.array([[0, 1, len(ref) - 1], [2, len(ref) // 2, 3]])
+        assert view[idx].tolist() == ref[idx].tolist()
+        assert np.asarray(view[1:4], dtype=np.int64).dtype == np.int64
+        with pytest.raises(IndexError):
+            view[len(ref)]
+    assert ShardedTokens(shards, 3, 17)[1:9].dtype == np.uint16
+
+
+@pytest.mark.parametrize("mode", ["random", "sequential"])
+def test_sampler_across_shards_matches_one_array_and_resumes_exactly(mode):
+    rng = np.random.default_rng(0)
+    shards = [rng.integers(0, 1000, size=n).astype(np.uint16) for n in (700, 300, 1000, 57)]
+    whole = np.concatenate(shards)
+    view = ShardedTokens(shards, 13, len(whole) - 5)
+    a = BatchSampler(view, 8, 32, mode=mode, seed=5)
+    b = BatchSampler(whole[13:-5], 8, 32, mode=mode, seed=5)
+    batches = [a.next_batch() for _ in range(12)]  # sequential: more than one epoch
+    for x, y in batches:
+        bx, by = b.next_batch()
+        assert torch.equal(x, bx) and torch.equal(y, by)
+    state = BatchSampler(view, 8, 32, mode=mode, seed=5)
+    for _ in range(7):
+        state.next_batch()
+    resumed = BatchSampler(view, 8, 32, mode=mode, seed=0)
+    resumed.load_state_dict(json.loads(json.dumps(state.state_dict())))
+    for x, y in batches[7:]:
+        rx, ry = resumed.next_batch()
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+def test_a_split_loss_across_shards_equals_one_array():
+    from gptforge.model import GPT, GPTConfig
+    from gptforge.train.runtime import setup_runtime
+    from gptforge.train.trainer import split_loss
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=100, dropout=0.0)).eval()
+    rng = np.random.default_rng(1)
+    shards = [rng.integers(0, 100, size=n).astype(np.uint16) for n in (50, 23, 80)]
+    rt = setup_runtime("cpu", "float32")
+    sharded = split_loss(model, ShardedTokens(shards, 10, 150), 16, 4, rt)
+    flat = split_loss(model, np.concatenate(shards)[10:150], 16, 4, rt)
+    assert sharded[1] == flat[1] == 139 and sharded[0] == pytest.approx(flat[0], abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "parquet", "datasets"])
+def test_each_input_format_prepares_and_trains(tmp_path, shakespeare_text, kind):
+    from gptforge.config import load_config
+    from gptforge.train.trainer import train
+
+    docs = _docs(shakespeare_text, n=12)
+    if kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        src = tmp_path / "docs.parquet"
+        pq.write_table(pa.table({"body": docs}), src, row_group_size=5)
+    elif kind == "datasets":
+        datasets = pytest.importorskip("datasets")
+        src = tmp_path / "saved"
+        datasets.Dataset.from_dict({"body": docs}).save_to_disk(str(src))
+    else:
+        src = _jsonl(tmp_path / f"docs.{kind}", docs, field="body")
+    cfg = load_config(None, ["model.preset=tiny", "model.block_size=32", "data.tokenizer=bpe",
+                             "data.bpe_vocab_size=300", "data.text_field=body", "data.val_tokens=1000",
+                             "train.batch_size=4", "train.max_steps=3", "train.eval_every=3",
+                             "train.eval_batches=1", "train.log_every=1", "train.device=cpu",
+                             "train.dtype=float32", f"data.corpus={src}"])
+    result = train(cfg, tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert result.step == 3 and any("val_loss" in r for r in records)
+    data = prepare(str(src), tokenizer="bpe", bpe_vocab_size=300, text_field="body", val_tokens=1000)
+    assert data.reused and data.meta["documents"] == 12 and data.tokenizer.eot_id == 0
+    assert data.meta["val_split"]["by"] == "documents"
+    assert data.train.tolist().count(0) + data.val.tolist().count(0) == 11  # between documents
+
+
+def test_val_tokens_alone_keys_the_split(tmp_path):
+    src = tmp_path / "c.txt"
+    src.write_text("some text " * 300, encoding="utf-8")
+    first = prepare(str(src), tokenizer="char", val_tokens=500, val_fraction=0.1)
+    again = prepare(str(src), tokenizer="char", val_tokens=500, val_fraction=0.3)  # the fraction is ignored
+    assert again.reused and again.dir == first.dir and len(again.val) == 500
+    assert first.meta["val_fraction"] is None and first.meta["requested_val_tokens"] == 500
+
+
+def test_a_corpus_object_prepares_like_its_file(tmp_path):
+    src = tmp_path / "c.txt"
+    src.write_text("in memory or on disk, the same tokens\n" * 40, encoding="utf-8")
+    from_file = prepare(str(src), tokenizer="char", out=tmp_path / "a")
+    from_memory = prepare(load_corpus(str(src)), tokenizer="char", out=tmp_path / "b")
+    assert from_memory.train.tolist() == from_file.train.tolist() and from_memory.val.tolist() == from_file.val.tolist()
+    assert from_memory.meta["source_sha256"] == from_file.meta["source_sha256"]
+    assert from_memory.meta["sources"] == from_file.meta["sources"] == [str(src)]

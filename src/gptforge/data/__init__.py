@@ -3,19 +3,21 @@
     from gptforge.data import load_corpus, prepare, BatchSampler
     data = prepare(load_corpus("tinyshakespeare"), tokenizer="char", block_size=256)
     x, y = BatchSampler(data.train, batch_size=8, block_size=256).next_batch()
+    big = prepare("owt/", tokenizer="gpt2", out="data/owt")   # .txt/.jsonl(.gz)/.parquet, streamed
 
 Submodules are imported on first use, so `import gptforge.data` stays cheap.
 """
 
 from __future__ import annotations
 
-__all__ = ["BatchSampler", "Corpus", "Prepared", "Tokenizer", "build_tokenizer", "load_corpus",
-           "load_tokenizer", "prepare"]
+__all__ = ["BatchSampler", "Corpus", "Prepared", "ShardedTokens", "Tokenizer", "build_tokenizer", "load_corpus",
+           "load_prepared", "load_tokenizer", "open_corpus", "prepare"]
 
 _WHERE = {
-    "Corpus": "corpus", "load_corpus": "corpus",
+    "Corpus": "corpus", "load_corpus": "corpus", "open_corpus": "corpus",
     "Tokenizer": "tokenizers", "build_tokenizer": "tokenizers", "load_tokenizer": "tokenizers",
-    "BatchSampler": "tokens", "Prepared": "tokens", "prepare": "tokens",
+    "BatchSampler": "tokens", "Prepared": "tokens", "prepare": "tokens", "ShardedTokens": "tokens",
+    "load_prepared": "tokens",
 }
 
 

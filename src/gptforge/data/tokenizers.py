@@ -63,8 +63,12 @@ def split_for_batch(text: str, chunk_chars: int = _CHUNK_CHARS) -> list[str]:
     return chunks
 
 
+# Set to 1 in `prepare`'s worker processes: each is one of several, so none should spawn threads.
+MAX_THREADS: int | None = None
+
+
 def _threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    return MAX_THREADS or max(1, min(8, os.cpu_count() or 1))
 
 
 class Tokenizer(ABC):
@@ -79,6 +83,10 @@ class Tokenizer(ABC):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
+
+    def encode_batch_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Each text's ids as an array (the streaming `prepare` path; no list is kept per token)."""
+        return [np.array(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
 
     @abstractmethod
     def decode(self, ids: Sequence[int]) -> str: ...
@@ -182,6 +190,13 @@ class GPT2Tokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self.enc.encode_ordinary_batch(list(texts), num_threads=_threads())
 
+    def encode_batch_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        if _threads() > 1 and len(texts) > 1:
+            return super().encode_batch_arrays(texts)
+        # One thread (a worker process): tiktoken's numpy encoder skips the Python list of ids. With no
+        # special token allowed or disallowed, it encodes exactly as encode_ordinary does.
+        return [self.enc.encode_to_numpy(t, allowed_special=set(), disallowed_special=()) for t in texts]
+
     def decode(self, ids: Sequence[int]) -> str:
         # "replace": a cut through a multi-byte character (e.g. while streaming) must not raise.
         return self.enc.decode(list(ids), errors="replace")
@@ -224,6 +239,9 @@ class CharTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self.encode_to_array(text).tolist()
 
+    def encode_batch_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [self.encode_to_array(t) for t in texts]
+
     def encode_to_array(self, text: str) -> np.ndarray:
         # Vectorised lookup: code points -> positions in the sorted alphabet (1 MB in ~10 ms).
         cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
@@ -251,40 +269,73 @@ class CharTokenizer(Tokenizer):
 
 class BPETokenizer(Tokenizer):
     """A byte-level BPE trained on the corpus with Hugging Face `tokenizers`, stored as tokenizer.json.
-    Byte-level (no normalizer, no prefix space) so any text round-trips exactly."""
+    Byte-level (no normalizer, no prefix space) so any text round-trips exactly. Trained ones reserve
+    id 0 for <|endoftext|>, which separates documents; like GPT-2's, a literal "<|endoftext|>" in the
+    text is ordinary characters, never that id."""
 
     spec = "bpe"
 
     def __init__(self, hf_tokenizer) -> None:
         self.hf = hf_tokenizer
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
-        self.eot_id = None
+        # Tokenizers trained before the end-of-text token existed have none.
+        self.eot_id = hf_tokenizer.token_to_id(GPT2_EOT)
+        self._literal = None  # a copy that reads special tokens' text as ordinary text (made on demand)
+
+    def _for(self, text: str):
+        """The Hugging Face tokenizer for `text`: the copy with encode_special_tokens (not saved in
+        tokenizer.json; ~30% slower) only for text that holds a special token's characters."""
+        if self.eot_id is None or GPT2_EOT not in text:
+            return self.hf
+        if self._literal is None:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            literal = HFTokenizer.from_str(self.hf.to_str())
+            literal.encode_special_tokens = True
+            self._literal = literal
+        return self._literal
 
     @classmethod
     def train(cls, text: str, vocab_size: int | None = None) -> BPETokenizer:
+        if not text:
+            raise GptforgeError("cannot train a bpe tokenizer on empty text")
+        chunks = split_for_batch(text)
+        return cls.train_from_texts(chunks, vocab_size, length=len(chunks))
+
+    @classmethod
+    def train_from_texts(cls, texts, vocab_size: int | None = None, length: int | None = None) -> BPETokenizer:
+        """Train on an iterable of texts (e.g. a bounded sample of a large corpus)."""
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
         vocab_size = check_bpe_vocab_size(BPE_VOCAB_DEFAULT if vocab_size is None else vocab_size)
-        if not text:
-            raise GptforgeError("cannot train a bpe tokenizer on empty text")
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         hf.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is unknown
+            special_tokens=[GPT2_EOT],
             show_progress=False,
         )
-        chunks = split_for_batch(text)
-        hf.train_from_iterator(chunks, trainer=trainer, length=len(chunks))
+        hf.train_from_iterator(texts, trainer=trainer, length=length)
         return cls(hf)
 
     def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+        return self._for(text).encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+        texts = list(texts)
+        out = [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        for i, t in enumerate(texts):
+            if self._for(t) is not self.hf:
+                out[i] = self.encode(t)
+        return out
+
+    def encode_batch_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        if _threads() > 1:
+            return super().encode_batch_arrays(texts)
+        return [np.array(self.encode(t), dtype=np.int64) for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)

@@ -707,7 +707,7 @@ class Trainer:
             tokenizer = self.init.tokenizer  # fine-tuning a gptforge run keeps its vocabulary
         return prepare(d.corpus, tokenizer=tokenizer, val_fraction=d.val_fraction,
                        bpe_vocab_size=d.bpe_vocab_size if d.tokenizer == "bpe" else None,
-                       block_size=self.block_size)
+                       block_size=self.block_size, **d.prepare_options())
 
     def _load_latest(self) -> None:
         latest = runs.resolve_checkpoint(self.run_dir, "latest")
@@ -837,7 +837,7 @@ def evaluate_run(run: str | Path, split: str = "val", which: str = "latest", dev
     model, tokenizer, info = runs.load_model(path, device=rt.device)
     d = config.data
     data = prepare(d.corpus, tokenizer=tokenizer, val_fraction=d.val_fraction,
-                   bpe_vocab_size=d.bpe_vocab_size if d.tokenizer == "bpe" else None)
+                   bpe_vocab_size=d.bpe_vocab_size if d.tokenizer == "bpe" else None, **d.prepare_options())
     check_data_identity(run_dir, data)
     tokens = data.train if split == "train" else data.val
     if tokens is None:
