@@ -19,13 +19,14 @@ is written with Hugging Face `tokenizers` alone, so exporting needs no `transfor
   tiktoken ranks: the vocabulary is the ranks under GPT-2's byte-to-unicode mapping, and each merge is
   recovered by running BPE over the token's bytes with the lower ranks only. <|endoftext|> (50256) is
   bos, eos and unk, as on the Hub's gpt2.
-- bpe: the run's tokenizer.json as it is (byte-level BPE, no special tokens).
+- bpe: the run's tokenizer.json as it is (byte-level BPE; one trained by gptforge has
+  <|endoftext|> = 0 between documents, which is then bos/eos).
 - char: a WordLevel model with one entry per character (same ids) behind a pre-tokenizer that
   isolates every character, and a decoder that joins them without spaces. Like gptforge, it refuses
   text with a character outside its vocabulary: encoding raises instead of inventing an unknown id
   the model never saw.
-bpe and char runs have no end-of-text token, so their generation_config has no eos: generation
-runs for max_new_tokens (at most the context, n_positions). One difference from gptforge stays, as
+char runs (and bpe runs from before documents were separated) have no end-of-text token, so their
+generation_config has no eos: generation runs for max_new_tokens (at most the context, n_positions). One difference from gptforge stays, as
 on the Hub's gpt2: transformers reads a literal "<|endoftext|>" in the text as the special id,
 where gptforge encodes it as ordinary characters.
 """
@@ -403,6 +404,9 @@ def write_tokenizer(tok: Tokenizer, directory: str | os.PathLike, model_max_leng
     elif tok.spec == "bpe":
         hf = tok.hf
         config.update(tokenizer_class="PreTrainedTokenizerFast")
+        if tok.eot_id is not None:  # a BPE trained by gptforge has <|endoftext|> between documents
+            eot = hf.id_to_token(tok.eot_id)
+            config.update(bos_token=eot, eos_token=eot)
     elif tok.spec == "char":
         hf = _char_hf(tok)
         config.update(tokenizer_class="PreTrainedTokenizerFast")
@@ -583,8 +587,8 @@ def _write_json(path: Path, obj: dict) -> None:
 _TOKENIZER_TEXT = {
     "gpt2": "GPT-2's byte-level BPE ({vocab:,} ids; `<|endoftext|>` = {eot} is bos/eos). Generation "
             "stops at `<|endoftext|>` (like `gptforge generate --stop-at-eot`).",
-    "bpe": "a byte-level BPE trained on the corpus with Hugging Face `tokenizers` ({vocab:,} ids, no "
-           "special tokens). There is no end-of-text token: generation runs for `max_new_tokens`.",
+    "bpe": "a byte-level BPE trained on the corpus with Hugging Face `tokenizers` ({vocab:,} ids; "
+           "`<|endoftext|>` = {eot}, between documents, is bos/eos where the run has it).",
     "char": "one id per character of the corpus ({vocab:,} ids, no special tokens). Text with a "
             "character outside the vocabulary cannot be encoded (the tokenizer raises). There is no "
             "end-of-text token: generation runs for `max_new_tokens`.",
