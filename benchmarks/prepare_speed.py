@@ -243,6 +243,11 @@ def main() -> None:
             new_r = next(r for r in peer if r["tok"] == tok and not r["what"].startswith("old"))
             lines.append(f"- {tok}: {new_r['mbps'] / old_r['mbps']:.2f}x the old speed, "
                          f"{old_r['peak_sum'] / new_r['peak_sum']:.1f}x less peak memory.")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines += ["", f"Load average at the end: {load} (the 2-core machine may be shared: a load above 2 means "
+              "other work competed for the cores, so rates are lower bounds). The small corpora's MB/s "
+              "include fixed start-up (Python, the worker processes, each loading the tokenizer), which "
+              "the 1 GB rows amortise."]
     body = "\n".join(lines)
     print()
     print(body)

@@ -3,7 +3,7 @@ batches from them.
 
     from gptforge.data.tokens import prepare, BatchSampler
     data = prepare("tinyshakespeare", tokenizer="gpt2")             # cached in $GPTFORGE_CACHE_DIR/tokens/
-    data = prepare("owt/*.jsonl.gz dir or file", tokenizer="gpt2", out="data/owt")   # any size
+    data = prepare("owt/", tokenizer="gpt2", out="data/owt")        # a folder of .jsonl.gz, any size
     sampler = BatchSampler(data.train, batch_size=8, block_size=256, seed=1337)
     x, y = sampler.next_batch()                                      # int64 (8, 256); y is x shifted by one
 
