@@ -599,8 +599,12 @@ class Trainer:
 
         t, o = self.config.train, self.config.optim
         step0, elapsed0 = self._sized_at  # type: ignore[misc]
-        if self.step >= cooldown_start(o, self.total_steps) or self.step <= step0:  # type: ignore[arg-type]
-            self._sized_at = None  # cooling down: the end is fixed now
+        total0 = self.total_steps  # type: ignore[assignment]
+        cooldown = max(1, round(o.cooldown_fraction * total0))
+        if self.step >= min(cooldown_start(o, total0), total0 - cooldown) or total0 - self.step < 10:
+            self._sized_at = None  # cooling down (or nearly done): the end is fixed now
+            return
+        if self.step <= step0:
             return
         per_update = (self.elapsed - elapsed0) / (self.step - step0)
         remaining = 0.98 * t.max_time - self.elapsed - self._last_eval_s - self._last_checkpoint_s  # type: ignore[operator]
