@@ -58,24 +58,14 @@ class GPTConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise GptforgeError(f"GPTConfig.{name}={value!r} is invalid; it must be a positive integer")
         if self.n_embd % self.n_head != 0:
-            raise GptforgeError(
-                f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                "pick n_embd a multiple of n_head"
-            )
-        if (
-            isinstance(self.dropout, bool)
-            or not isinstance(self.dropout, (int, float))
-            or not 0 <= self.dropout < 1
-        ):
-            raise GptforgeError(
-                f"GPTConfig.dropout={self.dropout!r} is invalid; it must be a number in [0, 1)"
-            )
+            raise GptforgeError(f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                                "pick n_embd a multiple of n_head")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise GptforgeError(f"GPTConfig.dropout={self.dropout!r} is invalid; it must be a number in [0, 1)")
         self.dropout = float(self.dropout)
         for name in ("bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
-                raise GptforgeError(
-                    f"GPTConfig.{name}={getattr(self, name)!r} is invalid; it must be true or false"
-                )
+                raise GptforgeError(f"GPTConfig.{name}={getattr(self, name)!r} is invalid; it must be true or false")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -128,16 +118,8 @@ class KVCache:
     GPT.forward writes each layer's new keys and values at [pos, pos + T) and then advances `pos`.
     """
 
-    def __init__(
-        self,
-        n_layer: int,
-        batch_size: int,
-        n_head: int,
-        head_dim: int,
-        max_len: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, head_dim: int, max_len: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         shape = (n_layer, batch_size, n_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -427,28 +409,16 @@ class GPT(nn.Module):
         logits = F.linear(x, W)[..., :V]  # (B, T, V)
         return None, F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=-1)
 
-    def new_kv_cache(
-        self,
-        batch_size: int,
-        max_len: int | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> KVCache:
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None, device: torch.device | str | None = None,
+                     dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to `max_len` (default block_size)."""
         c = self.config
         max_len = c.block_size if max_len is None else max_len
         if max_len < 1 or max_len > c.block_size:
             raise GptforgeError(f"KV cache max_len={max_len} must be in [1, block_size={c.block_size}]")
         p = self.transformer.wte.weight
-        return KVCache(
-            c.n_layer,
-            batch_size,
-            c.n_head,
-            c.head_dim,
-            max_len,
-            device=p.device if device is None else device,
-            dtype=p.dtype if dtype is None else dtype,
-        )
+        return KVCache(c.n_layer, batch_size, c.n_head, c.head_dim, max_len,
+                       device=p.device if device is None else device, dtype=p.dtype if dtype is None else dtype)
 
     # ------------------------------------------------------------------------------ accounting
 
