@@ -100,3 +100,20 @@ def update_section(path: Path, name: str, body: str, title: str = "# Benchmarks"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def training_step(loss_fn, x: torch.Tensor, y: torch.Tensor, optimizer, scaler, params, device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """One update as Trainer.train_step makes it for one micro-batch (autocast, GradScaler, clipping at
+    1.0, the optimizer's step); the loss comes back detached, on the device (reading it is a sync)."""
+    from gptforge.train.runtime import autocast
+
+    with autocast(device, dtype):
+        loss = loss_fn(x, y)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()

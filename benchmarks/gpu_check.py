@@ -395,13 +395,13 @@ def throughput_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     sys.path.insert(0, str(HERE))
-    from common import peak_rss, reset_peak_rss
+    from common import peak_rss, reset_peak_rss, training_step
     from train_throughput import GPT2_VOCAB, flops_per_token
 
     from gptforge.config import OptimConfig
     from gptforge.train.metrics import device_peak_flops
     from gptforge.train.optim import configure_optimizer
-    from gptforge.train.runtime import DTYPES, autocast, grad_scaler
+    from gptforge.train.runtime import DTYPES, grad_scaler
 
     if spec["model"] == "hf":
         import transformers  # noqa: F401  (before the memory baseline)
@@ -449,15 +449,7 @@ def throughput_worker(spec: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize(device)
 
     def step(x, y) -> torch.Tensor:
-        with autocast(device, dtype):
-            loss = loss_of(x, y)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return training_step(loss_of, x, y, optimizer, scaler, params, device, dtype)
 
     t0 = time.perf_counter()
     step(*batches[0])

@@ -28,7 +28,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCHMARKS_MD, machine_summary, peak_rss, reset_peak_rss, update_section  # noqa: E402
+from common import (  # noqa: E402
+    BENCHMARKS_MD,
+    machine_summary,
+    peak_rss,
+    reset_peak_rss,
+    training_step,
+    update_section,
+)
 
 GPT2_VOCAB = 50257
 
@@ -78,7 +85,7 @@ def worker(spec: dict) -> dict:
     """One measurement in this (fresh) process."""
     from gptforge.config import OptimConfig
     from gptforge.train.optim import configure_optimizer
-    from gptforge.train.runtime import autocast, grad_scaler
+    from gptforge.train.runtime import grad_scaler
 
     if spec["model"] == "hf":
         import transformers  # noqa: F401  (imported before the baseline so its RSS is not counted)
@@ -104,15 +111,7 @@ def worker(spec: dict) -> dict:
         # What Trainer.train_step does for one micro-batch, minus the data sampler.
         buf = torch.randint(0, GPT2_VOCAB, (B, T + 1), generator=gen)
         x, y = buf[:, :-1].to(device), buf[:, 1:].to(device)
-        with autocast(device, dtype):
-            loss = loss_fn(x, y)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss)  # a sync point, as the trainer's logging is
+        return float(training_step(loss_fn, x, y, optimizer, scaler, params, device, dtype))  # a sync point
 
     for _ in range(spec["warmup"]):
         step()

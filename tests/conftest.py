@@ -120,3 +120,33 @@ def tiny_run(tmp_path_factory, shakespeare_text) -> Path:
     """A char-level model really trained for 120 steps on a slice of Tiny Shakespeare, once per
     session; shared by the generation, web and browser tests."""
     return make_tiny_run(tmp_path_factory.getbasetemp() / "gptforge-tiny-run", shakespeare_text)
+
+
+class _Greedy:
+    """Greedy decoding two ways, to compare models and the KV cache token for token."""
+
+    @staticmethod
+    def full(step_logits, prompt: torch.Tensor, n: int) -> list[int]:
+        """step_logits(ids) -> (1, T, V) logits of the whole sequence, recomputed at every token."""
+        ids = prompt.clone()
+        for _ in range(n):
+            nxt = step_logits(ids)[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+        return ids[0, prompt.size(1):].tolist()
+
+    @staticmethod
+    def cached(model, prompt: torch.Tensor, n: int) -> list[int]:
+        """A gptforge GPT with its KV cache: prefill the prompt, then one token at a time."""
+        cache = model.new_kv_cache(1)
+        logits, _ = model(prompt, kv_cache=cache)
+        out = []
+        for _ in range(n):
+            nxt = logits[0, -1].argmax().view(1, 1)
+            out.append(nxt.item())
+            logits, _ = model(nxt, kv_cache=cache)
+        return out
+
+
+@pytest.fixture
+def greedy() -> _Greedy:
+    return _Greedy()

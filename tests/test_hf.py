@@ -346,28 +346,8 @@ def _hf_model(n_layer, n_head, n_embd, block_size, vocab_size, tie, seed=0):
     return model
 
 
-def _greedy(step_logits, prompt: torch.Tensor, n: int) -> list[int]:
-    """Greedy continuation; step_logits(ids) -> (1, T, V) logits of the whole sequence."""
-    ids = prompt.clone()
-    for _ in range(n):
-        nxt = step_logits(ids)[0, -1].argmax()
-        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-    return ids[0, prompt.size(1) :].tolist()
-
-
-def _greedy_cached(model: GPT, prompt: torch.Tensor, n: int) -> list[int]:
-    cache = model.new_kv_cache(1)
-    logits, _ = model(prompt, kv_cache=cache)
-    out = []
-    for _ in range(n):
-        nxt = logits[0, -1].argmax().view(1, 1)
-        out.append(nxt.item())
-        logits, _ = model(nxt, kv_cache=cache)
-    return out
-
-
 @pytest.mark.parametrize("shape", HF_SHAPES, ids=lambda s: "L{}-H{}-C{}-T{}-V{}-tie{}".format(*s))
-def test_hf_parity_both_ways(shape, tmp_path):
+def test_hf_parity_both_ways(shape, tmp_path, greedy):
     n_layer, n_head, n_embd, block_size, vocab_size, tie = shape
     hf = _hf_model(*shape)
     idx = torch.randint(0, vocab_size, (2, block_size), generator=torch.Generator().manual_seed(1))
@@ -383,9 +363,9 @@ def test_hf_parity_both_ways(shape, tmp_path):
     assert (ours_logits - hf_logits).abs().max().item() <= 1e-4
     prompt = idx[:1, :5]
     with torch.no_grad():
-        hf_tokens = _greedy(lambda ids: hf(ids).logits, prompt, 15)
-        assert _greedy(lambda ids: ours(ids)[0], prompt, 15) == hf_tokens
-        assert _greedy_cached(ours, prompt, 15) == hf_tokens
+        hf_tokens = greedy.full(lambda ids: hf(ids).logits, prompt, 15)
+        assert greedy.full(lambda ids: ours(ids)[0], prompt, 15) == hf_tokens
+        assert greedy.cached(ours, prompt, 15) == hf_tokens
 
     # ours (freshly initialised, so different weights) -> HF
     torch.manual_seed(2)
@@ -396,7 +376,7 @@ def test_hf_parity_both_ways(shape, tmp_path):
     with torch.no_grad():
         diff = (mine(idx)[0] - hf2(idx).logits).abs().max().item()
         assert diff <= 1e-4
-        assert _greedy(lambda ids: hf2(ids).logits, prompt, 12) == _greedy_cached(mine, prompt, 12)
+        assert greedy.full(lambda ids: hf2(ids).logits, prompt, 12) == greedy.cached(mine, prompt, 12)
 
 
 def test_export_without_biases_loads_in_hf(tmp_path):

@@ -9,27 +9,6 @@ import torch.nn.functional as F
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT, PRESETS, GPTConfig, chunked_cross_entropy
 
-
-def _greedy(step_logits, prompt: torch.Tensor, n: int) -> list[int]:
-    """Greedy continuation; step_logits(ids) -> (1, T, V) logits of the whole sequence."""
-    ids = prompt.clone()
-    for _ in range(n):
-        nxt = step_logits(ids)[0, -1].argmax()
-        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-    return ids[0, prompt.size(1) :].tolist()
-
-
-def _greedy_cached(model: GPT, prompt: torch.Tensor, n: int) -> list[int]:
-    cache = model.new_kv_cache(1)
-    logits, _ = model(prompt, kv_cache=cache)
-    out = []
-    for _ in range(n):
-        nxt = logits[0, -1].argmax().view(1, 1)
-        out.append(nxt.item())
-        logits, _ = model(nxt, kv_cache=cache)
-    return out
-
-
 # ------------------------------------------------------------------------------------ config
 
 
@@ -169,11 +148,11 @@ def test_last_only_is_the_last_position_of_the_full_logits():
     assert cache.pos == 33
 
 
-def test_kv_cache_greedy_tokens_identical():
+def test_kv_cache_greedy_tokens_identical(greedy):
     m = _tiny()
     prompt = torch.randint(0, 100, (1, 7), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        assert _greedy_cached(m, prompt, 40) == _greedy(lambda ids: m(ids)[0], prompt, 40)
+        assert greedy.cached(m, prompt, 40) == greedy.full(lambda ids: m(ids)[0], prompt, 40)
 
 
 def test_too_long_input_is_refused():
