@@ -40,3 +40,22 @@ def test_two_processes_equal_one(tiny_config, tiny_corpus, tmp_path, read_metric
     assert sum(e["event"] == "started" for e in read_metrics(tmp_path / "two", "event")) == 1
     assert proc.stdout.count("stopped by max_steps") == 1
     assert (tmp_path / "two" / "checkpoints" / "latest" / "state.pt").is_file()
+
+
+def test_a_time_budget_under_ddp_sizes_one_schedule_for_both_ranks(tiny_config, tmp_path, read_metrics):
+    """Sizing a max_time schedule is agreed on by every rank (at a sync step, rank 0's length), so two
+    processes never wait on each other in different collectives."""
+    cfg = tiny_config("train.batch_size=2", "train.max_steps=none", "train.max_time=6", "optim.schedule=wsd",
+                      "train.log_every=5", "train.eval_every=100000", "train.checkpoint_every=100000")
+    cfg.save(tmp_path / "ddp.toml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "gptforge", "train", "--config", str(tmp_path / "ddp.toml"), "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = read_metrics(tmp_path / "two", "event")
+    sized = [e for e in events if e["event"] == "schedule_sized"]
+    assert len(sized) == 1 and events[-1]["event"] == "stopped"
+    assert proc.stdout.count("stopped by") == 1

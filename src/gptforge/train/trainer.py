@@ -229,10 +229,11 @@ class Trainer:
                     self.log.event("compiled", step=self.step, seconds=round(self.compile_s, 3))
                 self._tick()
                 time_up = t.max_time is not None and self.elapsed >= t.max_time
-                size_now = self._sizing_due()
-                if not (self._is_sync_step(stop.requested or time_up) or size_now):
+                size_now = self._sizing_due()  # under DDP agreed on at the next sync step, as stops are
+                if not (self._is_sync_step(stop.requested or time_up) or (size_now and not self.rt.distributed)):
                     continue
-                loss, grad_norm, interrupted = self._read_back(loss, grad_norm, stop.requested, time_up)
+                loss, grad_norm, interrupted, size_now = self._read_back(loss, grad_norm, stop.requested, time_up,
+                                                                         size_now)
                 self.last_train_loss = loss
                 last = (loss, grad_norm, lr)
 
@@ -523,15 +524,17 @@ class Trainer:
                 or (stop_now and not self.rt.distributed))
 
     def _read_back(self, loss: torch.Tensor, grad_norm: torch.Tensor, stop_requested: bool,
-                   time_up: bool) -> tuple[float, float, bool]:
-        """The host's view at a sync step: (mean loss over ranks, grad norm, interrupted). Every rank
-        agrees on the stop flags (one all-reduce); a non-finite update since the last sync raises."""
+                   time_up: bool, size_now: bool = False) -> tuple[float, float, bool, bool]:
+        """The host's view at a sync step: (mean loss over ranks, grad norm, interrupted, size the
+        schedule now). Every rank agrees on the flags (one all-reduce); a non-finite update since the
+        last sync raises."""
         if self.rt.distributed:
-            flags = torch.stack([loss.detach().double(), torch.tensor(float(stop_requested), dtype=torch.float64,
-                                 device=loss.device), torch.tensor(float(time_up), dtype=torch.float64,
-                                 device=loss.device), (self._bad_step >= 0).double()])
-            loss_sum, stops, ups, bads = self.rt.all_reduce_sum(flags).tolist()
+            host = torch.tensor([float(stop_requested), float(time_up), float(size_now)], dtype=torch.float64)
+            flags = torch.cat([loss.detach().double().reshape(1), host.to(loss.device),
+                               (self._bad_step >= 0).double().reshape(1)])
+            loss_sum, stops, ups, sizes, bads = self.rt.all_reduce_sum(flags).tolist()
             mean_loss, interrupted, self._time_up, any_bad = loss_sum / self.world, stops > 0, ups > 0, bads > 0
+            size_now = sizes > 0
         else:
             mean_loss, interrupted, self._time_up = float(loss), stop_requested, time_up
             any_bad = int(self._bad_step) >= 0
@@ -541,7 +544,7 @@ class Trainer:
                 self._stop_on_nan("training loss", float("nan"), self.step)
             what = "training loss" if int(self._bad_what) == 0 else "gradient norm"
             self._stop_on_nan(what, float(self._bad_value), step)
-        return mean_loss, float(grad_norm), interrupted
+        return mean_loss, float(grad_norm), interrupted, size_now
 
     def _tick(self) -> None:
         """self.elapsed: training seconds so far (evaluations and checkpoints included, the compile
