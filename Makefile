@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The CPU default end to end (under 3 minutes of training on 2 cores): prepare the characters, train with
+# The CPU default end to end (a 90-s training budget on 2 cores): prepare the characters, train with
 # progress, draw runs/demo/loss.png, print three samples. runs/demo is the demo's own scratch run.
 demo: setup
 	$(PY) -m gptforge prepare --corpus tinyshakespeare --tokenizer char --val-fraction 0.1
