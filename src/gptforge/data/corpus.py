@@ -443,8 +443,12 @@ def _read_jsonl(path: Path, label: str, text_field: str, gz: bool):
 
 
 def _read_parquet(path: Path, label: str, text_field: str, size: int):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise GptforgeError(f"{label}: reading .parquet needs pyarrow; pip install 'gptforge[data]' "
+                            "(or pyarrow)") from None
 
     try:
         pf = pq.ParquetFile(path)
