@@ -271,3 +271,25 @@ def test_bf16_chunked_loss_matches_autocast_cross_entropy(scale):
     assert loss.item() == pytest.approx(ref.item(), rel=2e-3, abs=2e-3)
     for ours, theirs in ((gx, rx), (gw, rw)):
         assert (ours - theirs).abs().max().item() <= 2e-2 * theirs.abs().max().item()
+
+
+def test_bf16_gradient_of_a_confident_target_keeps_its_digits():
+    """With p_t near 1 (a well-trained model) the target's gradient p_t - 1 is small: computed from a bf16
+    p_t it would be 0 or off by up to 100%; the 16-bit path takes it from the other probabilities."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 16, generator=g)
+    w = torch.randn(40, 16, generator=g)
+    t = torch.randint(0, 40, (64,), generator=g)
+    x[0] = 0
+    x[0, 0] = 10.0
+    w[:, 0] = 0
+    w[t[0], 0] = 1.2  # row 0: logit 12 for its target, 0 for the 39 others: p_t ~ 0.9998
+    x, w = x.requires_grad_(), w.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_cross_entropy(x, w, t, vocab_size=40, chunk=64)
+        logits = x @ w.t()
+    (gx,) = torch.autograd.grad(loss, (x,))
+    ref = F.cross_entropy(logits.float(), t)
+    (rx,) = torch.autograd.grad(ref, (x,))
+    assert gx[0].abs().max() > 0  # not rounded away
+    assert torch.allclose(gx[0], rx[0], rtol=0.05, atol=1e-7)

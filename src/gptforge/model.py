@@ -269,7 +269,11 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
                     # The n target entries by flat index (scatter_add_ on 16-bit CPU tensors copies all n x Vp).
                     at = torch.arange(grad.size(0), device=grad.device) * grad.size(1) + t.squeeze(1)
                     flat = grad.view(-1)
-                    flat[at] = flat[at] - 1
+                    if compute_dtype == torch.float32:
+                        flat[at] = flat[at] - 1
+                    else:  # p_t - 1 as minus the other probabilities, summed in float32: a 16-bit p_t near 1
+                        # (a well-trained model) would leave p_t - 1 with no correct digit, or exactly 0.
+                        flat[at] = (flat[at].float() - grad.sum(-1, dtype=torch.float32)).to(grad.dtype)
                     # Ignored rows: zero their n x C inputs/outputs rather than their n x Vp gradient.
                     okf = ok.to(compute_dtype).unsqueeze(1)  # (n, 1)
                     grad_x[s : s + chunk] = (grad @ wc) * okf

@@ -21,6 +21,7 @@ import math
 import torch
 
 from gptforge.config import OptimConfig
+from gptforge.errors import GptforgeError
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -42,6 +43,9 @@ def configure_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.
     """AdamW over param_groups() (fused where the device supports it and cfg.fused is set), or for
     cfg.name == "muon" a MuonAdamW: Muon on the blocks' matrices, AdamW on the rest."""
     if cfg.name == "muon":
+        if not hasattr(torch.optim, "Muon"):
+            raise GptforgeError(f"optim.name = 'muon' needs torch.optim.Muon (PyTorch 2.9 or newer; this is "
+                                f"{torch.__version__}); upgrade torch or use optim.name = 'adamw'")
         hidden = muon_params(model)
         ids = {id(p) for p in hidden}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]

@@ -491,7 +491,8 @@ class Trainer:
         """optimizer.step() unless `bad` (a bool tensor on the device) is set, without reading it back:
         fused optimizers take a found_inf flag and skip the update on the device, the mechanism
         GradScaler uses. Others read the flag back (a host sync per step, as before)."""
-        if getattr(self.optimizer, "_step_supports_amp_scaling", False):
+        # MPS's fused AdamW kernel ignores found_inf: there the flag is read back like elsewhere.
+        if getattr(self.optimizer, "_step_supports_amp_scaling", False) and self.rt.device.type != "mps":
             self.optimizer.found_inf = bad.to(torch.float32)  # type: ignore[attr-defined]
             self.optimizer.grad_scale = None  # type: ignore[attr-defined]
             try:
@@ -571,9 +572,14 @@ class Trainer:
         stopped_by = None
         if self.last_eval_step != self.step:
             stopped_by = self._evaluate_and_maybe_stop()
+        sample_s = 0.0
+        if self._sample_due():  # the samples that go with evaluations cost time too
+            clock = time.perf_counter()
+            self.write_sample()
+            sample_s = time.perf_counter() - clock
         if self.last_saved_step != self.step:
             self.save_checkpoint()
-        eval_s, checkpoint_s = self._last_eval_s, self._last_checkpoint_s
+        eval_s, checkpoint_s = self._last_eval_s + sample_s, self._last_checkpoint_s
         self._tick()
         remaining = 0.98 * t.max_time - self.elapsed - eval_s - checkpoint_s  # type: ignore[operator]
         per_update = step_s + eval_s / t.eval_every + checkpoint_s / t.checkpoint_every
@@ -612,6 +618,9 @@ class Trainer:
         per_update = (self.elapsed - elapsed0) / (self.step - step0)
         remaining = 0.98 * t.max_time - self.elapsed - self._last_eval_s - self._last_checkpoint_s  # type: ignore[operator]
         total = self.step + max(1, math.floor(remaining / per_update))
+        # The new end may not put this step inside its cool-down (the LR would jump down): the cool-down
+        # then starts at the next update at the earliest, and max_time stops the run if it must.
+        total = max(total, math.ceil((self.step + 2) / (1 - o.cooldown_fraction)) if o.cooldown_fraction < 1 else total)
         if self.rt.distributed:  # rank 0's decision for every rank
             total = int(self.rt.all_reduce_sum(torch.tensor(
                 [total if self.rt.is_main else 0], dtype=torch.float64, device=self.rt.device)).item())
@@ -653,7 +662,9 @@ class Trainer:
             try:
                 # Measuring a CPU's peak draws random matrices: keep that off the training RNGs,
                 # or a run's dropout masks would depend on whether the number was cached.
-                with torch.random.fork_rng(devices=[]):
+                gpu = self.rt.device.type != "cpu"
+                with torch.random.fork_rng(devices=[self.rt.device] if gpu else [],
+                                           device_type=self.rt.device.type if gpu else "cuda"):
                     self._peak_flops, peak_source = device_peak_flops(self.rt.device, self.rt.dtype)
             except Exception as e:  # MFU is a nicety; never fail a run over it
                 peak_source = f"unavailable ({type(e).__name__})"
