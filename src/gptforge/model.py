@@ -271,9 +271,11 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
                     flat = grad.view(-1)
                     if compute_dtype == torch.float32:
                         flat[at] = flat[at] - 1
-                    else:  # p_t - 1 as minus the other probabilities, summed in float32: a 16-bit p_t near 1
-                        # (a well-trained model) would leave p_t - 1 with no correct digit, or exactly 0.
-                        flat[at] = (flat[at].float() - grad.sum(-1, dtype=torch.float32)).to(grad.dtype)
+                    else:  # p_t - 1 as minus the sum of the other probabilities (a 16-bit p_t near 1, as in a
+                        # well-trained model, leaves p_t - 1 with no correct digit, or 0); the 16-bit sum
+                        # accumulates in float32 and rounds once, relative to 1 - p_t itself.
+                        flat[at] = 0
+                        flat[at] = -grad.sum(-1)
                     # Ignored rows: zero their n x C inputs/outputs rather than their n x Vp gradient.
                     okf = ok.to(compute_dtype).unsqueeze(1)  # (n, 1)
                     grad_x[s : s + chunk] = (grad @ wc) * okf
