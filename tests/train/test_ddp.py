@@ -11,14 +11,8 @@ import pytest
 from gptforge.train.trainer import train
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_two_processes_equal_one(tiny_config, tiny_corpus, tmp_path, read_metrics, optimizer):
-    common = ["train.grad_accum_steps=2", "train.max_steps=4", "train.eval_every=2", "optim.warmup_steps=0",
-              f"optim.name={optimizer}"]
-    # One process, batch 4 = two ranks x batch 2 (each draws its rows of the same global batch).
-    train(tiny_config("train.batch_size=4", *common), tmp_path / "one")
-
-    cfg = tiny_config("train.batch_size=2", *common)
+def _torchrun_two(cfg, tmp_path):
+    """`gptforge train` under torchrun with two CPU (gloo) processes, into tmp_path/two; must succeed."""
     cfg.save(tmp_path / "ddp.toml")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -27,6 +21,18 @@ def test_two_processes_equal_one(tiny_config, tiny_corpus, tmp_path, read_metric
            "-m", "gptforge", "train", "--config", str(tmp_path / "ddp.toml"), "--out", str(tmp_path / "two")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_processes_equal_one(tiny_config, tiny_corpus, tmp_path, read_metrics, optimizer):
+    common = ["train.grad_accum_steps=2", "train.max_steps=4", "train.eval_every=2", "optim.warmup_steps=0",
+              f"optim.name={optimizer}"]
+    # One process, batch 4 = two ranks x batch 2 (each draws its rows of the same global batch).
+    train(tiny_config("train.batch_size=4", *common), tmp_path / "one")
+
+    cfg = tiny_config("train.batch_size=2", *common)
+    proc = _torchrun_two(cfg, tmp_path)
 
     one, two = read_metrics(tmp_path / "one", "train"), read_metrics(tmp_path / "two", "train")
     assert [r["step"] for r in two] == [1, 2, 3, 4] and [r["tokens"] for r in two] == [r["tokens"] for r in one]
@@ -47,14 +53,7 @@ def test_a_time_budget_under_ddp_sizes_one_schedule_for_both_ranks(tiny_config, 
     processes never wait on each other in different collectives."""
     cfg = tiny_config("train.batch_size=2", "train.max_steps=none", "train.max_time=6", "optim.schedule=wsd",
                       "train.log_every=5", "train.eval_every=100000", "train.checkpoint_every=100000")
-    cfg.save(tmp_path / "ddp.toml")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "gptforge", "train", "--config", str(tmp_path / "ddp.toml"), "--out", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _torchrun_two(cfg, tmp_path)
     events = read_metrics(tmp_path / "two", "event")
     sized = [e for e in events if e["event"] == "schedule_sized"]
     assert len(sized) == 1 and events[-1]["event"] == "stopped"
