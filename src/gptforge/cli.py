@@ -97,13 +97,21 @@ def _run_prepare(args: argparse.Namespace) -> None:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train a model (prepares the data itself)",
-        usage="gptforge train [--config FILE] [--out DIR | --resume RUN] [section.key=value ...] "
-              "[--section.key VALUE ...]",
-        description="Train a GPT from a TOML config plus section.key=value overrides, e.g. "
+        usage="gptforge train [--corpus SOURCE ...] [--time DURATION] [--config FILE] [--out DIR | --resume RUN] "
+              "[section.key=value ...] [--section.key VALUE ...]",
+        description="Train a GPT. The shortest path: gptforge train --corpus notes.txt --time 10m (the model's "
+                    "shape, batch and learning rates chosen for the budget on this machine: model.preset=auto). "
+                    "Or from a TOML config plus section.key=value overrides, e.g. "
                     "gptforge train --config configs/tinyshakespeare-char.toml train.max_steps=500 optim.lr=1e-3. "
                     "Under torchrun it trains with DDP. Ctrl-C saves the latest checkpoint (exit 130).")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides, parsed by the field's type (e.g. train.max_steps=200, data.corpus=a.txt)")
+    p.add_argument("--corpus", nargs="+", metavar="SOURCE", default=None,
+                   help="text to train on: files, directories, a named corpus (same as data.corpus)")
+    p.add_argument("--tokenizer", metavar="{gpt2,char,bpe}", default=None, help="same as data.tokenizer")
+    p.add_argument("--time", metavar="DURATION", default=None,
+                   help="the time budget (90s, 10m, 1.5h): train.max_time, with no step limit; without --config "
+                        "the model is chosen for it (model.preset=auto)")
     p.add_argument("--config", metavar="FILE", help="TOML config (default: the built-in defaults)")
     p.add_argument("--out", metavar="DIR", help="run directory to create (default: runs/<config name>)")
     p.add_argument("--resume", metavar="RUN",
@@ -133,13 +141,31 @@ class _ConfigOverride(argparse.Action):
 
 
 def _run_train(args: argparse.Namespace) -> None:
+    import json
+    import re
     from pathlib import Path
 
     from gptforge.config import load_config, resume_config
     from gptforge.train.runtime import print0
     from gptforge.train.trainer import train
 
-    args.overrides = [*args.overrides, *(args.option_overrides or [])]
+    shortcuts = []
+    if args.corpus:  # `--corpus a.txt train.x=1`: the overrides after the sources are overrides still
+        overrides = [c for c in args.corpus if re.match(r"^(model|data|optim|train)\.\w+=", c)]
+        args.corpus = [c for c in args.corpus if c not in overrides]
+        args.overrides = [*overrides, *args.overrides]
+    if args.corpus:
+        shortcuts.append("data.corpus=" + (args.corpus[0] if len(args.corpus) == 1 else json.dumps(args.corpus)))
+    if args.tokenizer:
+        shortcuts.append(f"data.tokenizer={args.tokenizer}")
+    if args.time:
+        shortcuts.append(f"train.max_time={args.time}")
+        if not args.resume:
+            shortcuts += ["train.max_steps=none", "train.max_tokens=none"]
+    args.overrides = [*shortcuts, *args.overrides, *(args.option_overrides or [])]
+    if args.time and not args.config and not args.resume and not args.init and not any(
+            o.startswith("model.") for o in args.overrides):
+        args.overrides.insert(0, "model.preset=auto")  # a budget and nothing else: the model is chosen for it
     if args.init:
         args.overrides.append(f"train.init={args.init}")
     if args.resume:
@@ -149,7 +175,8 @@ def _run_train(args: argparse.Namespace) -> None:
             raise GptforgeError("--resume continues in RUN itself; drop --out")
         result = train(resume_config(args.resume, args.overrides), args.resume, resume=True)
     else:
-        out = args.out or str(Path("runs") / (Path(args.config).stem if args.config else "default"))
+        out = args.out or str(Path("runs") / (Path(args.config).stem if args.config
+                                              else Path(args.corpus[0]).stem if args.corpus else "default"))
         result = train(load_config(args.config, args.overrides), out)
     print0(summary_line(result))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,11 +33,13 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 from gptforge.errors import GptforgeError
 
+AUTO = "auto"  # model.preset chosen for the time budget (gptforge.train.auto)
+
 
 @dataclass
 class ModelConfig:
     preset: str = "mini"
-    """Name of a preset in gptforge.model.PRESETS; the fields below override it when set."""
+    """Name of a preset in gptforge.model.PRESETS (the fields below override it when set), or "auto": shape, batch and learning rates chosen for train.max_time on this machine (gptforge.train.auto)."""
     n_layer: int | None = None
     """Number of transformer blocks (default: the preset's)."""
     n_head: int | None = None
@@ -76,9 +79,9 @@ class ModelConfig:
             raise GptforgeError(f"model.dropout = {self.dropout} is invalid; it must be in [0, 1)")
         if self.n_head is not None and self.n_embd is not None and self.n_embd % self.n_head:
             raise GptforgeError(f"model.n_embd = {self.n_embd} is not divisible by model.n_head = {self.n_head}")
-        if self.preset not in _model_presets():
+        if self.preset not in _model_presets() and self.preset != AUTO:
             raise GptforgeError(f"model.preset = {self.preset!r} is unknown; "
-                                f"choose one of {', '.join(sorted(_model_presets()))}")
+                                f"choose one of {', '.join(sorted(_model_presets()))} or {AUTO!r}")
 
 
 @dataclass
@@ -146,7 +149,7 @@ class OptimConfig:
     cooldown_fraction: float = 0.2
     """"wsd": the last fraction of the schedule spent decaying linearly from lr to min_lr, in (0, 1]."""
     decay_steps: int | None = None
-    """Length of the schedule in updates (default: train.max_steps, else from train.max_tokens, else sized to fit train.max_time)."""
+    """Length of the schedule in updates (default: train.max_steps, else from train.max_tokens; with train.max_time alone the budget is its clock)."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay, applied to matrices (>= 2-D parameters) only."""
     beta1: float = 0.9
@@ -201,8 +204,8 @@ class TrainConfig:
     """Stop after this many optimizer updates."""
     max_tokens: int | None = None
     """Stop once this many training tokens have been seen."""
-    max_time: float | None = None
-    """Stop after this many seconds of training (summed over resumed runs)."""
+    max_time: float | None = field(default=None, metadata={"duration": True})
+    """The time budget: seconds of training (summed over resumed runs), also "90s", "10m", "1.5h"; alone (no max_steps or max_tokens) it is the LR schedule's clock."""
     stop_at_loss: float | None = None
     """Stop once the metric named by stop_metric falls to this value (nats/token) at an evaluation."""
     stop_metric: str = "val"
@@ -285,7 +288,13 @@ class Config:
                 and self.data.val_tokens is None):
             raise GptforgeError("train.stop_metric = 'val' needs a validation split; set data.val_fraction > 0 "
                                 "or train.stop_metric = 'train_full'")
-        if not self.train.init:  # with init, the unset model fields come from the weights
+        if self.model.preset == AUTO:
+            if t.init:
+                raise GptforgeError("model.preset = 'auto' chooses a shape, train.init brings one; drop one of them")
+            if t.max_time is None or t.max_steps is not None or t.max_tokens is not None:
+                raise GptforgeError("model.preset = 'auto' chooses the model for a time budget: set train.max_time "
+                                    "(e.g. --time 10m) and leave train.max_steps and train.max_tokens unset")
+        elif not self.train.init:  # with init, the unset model fields come from the weights
             self.model.shape()
         lengths = (self.optim.decay_steps, t.max_steps, t.max_tokens, t.max_time)
         if self.optim.schedule != "constant" and all(v is None for v in lengths):
@@ -456,6 +465,9 @@ def _check_types(section: str, obj: Any) -> None:
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         tp, value = hints[f.name], getattr(obj, f.name)
+        if f.metadata.get("duration") and isinstance(value, str):  # train.max_time = "10m"
+            value = parse_duration(value, f"{section}.{f.name}")
+            setattr(obj, f.name, value)
         ok = False
         for arg in _args(tp):
             if arg is type(None) and value is None:
@@ -477,6 +489,19 @@ def _check_types(section: str, obj: Any) -> None:
                 break
         if not ok:
             raise GptforgeError(f"{section}.{f.name} = {value!r} has the wrong type; expected {_type_name(tp)}")
+
+
+def parse_duration(value: float | int | str, name: str = "train.max_time") -> float:
+    """Seconds from a number (seconds) or a string: "90", "90s", "10m", "1.5h", "1h30m"."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).strip().lower().replace(" ", "")
+    units = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+    parts = re.findall(r"(\d+(?:\.\d*)?|\.\d+)(sec|min|[smhd]?)", text)
+    if not text or "".join(n + u for n, u in parts) != text or (len(parts) > 1 and any(u == "" for _, u in parts)):
+        raise GptforgeError(f"{name} = {value!r} is not a duration; write seconds (90) or with a unit: "
+                            "'90s', '10m', '1.5h', '1h30m'")
+    return sum(float(n) * units[u or "s"] for n, u in parts)
 
 
 def _type_name(tp: Any) -> str:

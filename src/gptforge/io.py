@@ -5,6 +5,7 @@
     swap_in_dir(tmp_dir, final_dir)                                      # a finished directory replaces another
     record = read_json(path, hint="use another checkpoint")             # GptforgeError when missing or damaged
     for line, record in iter_jsonl(path): ...                            # a line cut short by a kill is skipped
+    lock = RunLock(run_dir); lock.acquire(); ...; lock.release()         # one writer per run directory
 
 A writer always writes a temporary sibling (`.NAME.tmp-PID`) and renames it over the target, so a
 reader, or a kill at any moment, sees the old content or the new one, never half of either.
@@ -93,3 +94,49 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
             continue
         if isinstance(record, dict):
             yield line, record
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held while one process trains into it: a second writer
+    (another `gptforge train --resume RUN`) gets one line naming the first, never an interleaving of
+    two runs' checkpoints and metrics. The lock is `RUN/.lock` (flock, released by the kernel when the
+    holder exits, even after kill -9); the file holds the holder's pid and start time, for that message.
+    Where flock is missing (Windows) there is no lock."""
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / self.NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            holder = ""
+            try:
+                holder = self.path.read_text(encoding="utf-8").strip()
+            except OSError:
+                pass
+            raise GptforgeError(f"{self.path.parent} is being trained by another process ({holder or 'pid unknown'}); "
+                                "wait for it to finish or stop it (Ctrl-C saves its checkpoint), or pick another "
+                                "--out") from None
+        import time
+
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    __del__ = release  # a Trainer built but never run (tests, notebooks) lets go when it is dropped

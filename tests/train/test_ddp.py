@@ -11,12 +11,17 @@ import pytest
 from gptforge.train.trainer import train
 
 
-def _torchrun_two(cfg, tmp_path):
-    """`gptforge train` under torchrun with two CPU (gloo) processes, into tmp_path/two; must succeed."""
-    cfg.save(tmp_path / "ddp.toml")
+def _clean_env() -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
+    return env
+
+
+def _torchrun_two(cfg, tmp_path):
+    """`gptforge train` under torchrun with two CPU (gloo) processes, into tmp_path/two; must succeed."""
+    cfg.save(tmp_path / "ddp.toml")
+    env = _clean_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "gptforge", "train", "--config", str(tmp_path / "ddp.toml"), "--out", str(tmp_path / "two")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -48,13 +53,93 @@ def test_two_processes_equal_one(tiny_config, tiny_corpus, tmp_path, read_metric
     assert (tmp_path / "two" / "checkpoints" / "latest" / "state.pt").is_file()
 
 
-def test_a_time_budget_under_ddp_sizes_one_schedule_for_both_ranks(tiny_config, tmp_path, read_metrics):
-    """Sizing a max_time schedule is agreed on by every rank (at a sync step, rank 0's length), so two
-    processes never wait on each other in different collectives."""
+TIMED = """
+import sys
+from gptforge.config import load_config
+from gptforge.train.trainer import Trainer, train
+
+class Clock:  # each update takes 0.125 s on rank 0 and 0.375 s on rank 1 (a busier machine)
+    now = 100.0
+    def __call__(self):
+        return self.now
+
+clock, real_step = Clock(), Trainer.train_step
+
+def step(self):
+    out = real_step(self)
+    clock.now += 0.125 if self.rt.rank == 0 else 0.375
+    return out
+
+Trainer.train_step = step
+train(load_config(sys.argv[1]), sys.argv[2], clock=clock)
+"""
+
+
+def test_a_time_budget_under_ddp_follows_one_clock_on_both_ranks(tiny_config, tmp_path, read_metrics):
+    """The LR of a time-budget run comes from the clock the ranks agree on at sync steps (their mean),
+    so the replicas take the same updates even when their own clocks differ, and both stop by max_time
+    at the same step, with the LR at its floor. Each rank's clock is one the test controls."""
     cfg = tiny_config("train.batch_size=2", "train.max_steps=none", "train.max_time=6", "optim.schedule=wsd",
-                      "train.log_every=5", "train.eval_every=100000", "train.checkpoint_every=100000")
-    proc = _torchrun_two(cfg, tmp_path)
+                      "optim.min_lr=3e-4", "optim.warmup_steps=2", "train.log_every=5",
+                      "train.eval_every=100000", "train.checkpoint_every=100000")
+    cfg.save(tmp_path / "cfg.toml")
+    (tmp_path / "timed.py").write_text(TIMED)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "timed.py"), str(tmp_path / "cfg.toml"), str(tmp_path / "two")],
+                          env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     events = read_metrics(tmp_path / "two", "event")
-    sized = [e for e in events if e["event"] == "schedule_sized"]
-    assert len(sized) == 1 and events[-1]["event"] == "stopped"
-    assert proc.stdout.count("stopped by") == 1
+    assert events[-1]["event"] == "stopped" and events[-1]["reason"] == "max_time"
+    assert proc.stdout.count("[stopped]") == 1 and events[-1]["value"] == 6.0  # rank 0 logs, the agreed clock
+    records = read_metrics(tmp_path / "two", "train")
+    # The agreed clock runs at the mean 0.25 s an update: the budget is spent after 24 updates.
+    assert records[-1]["step"] == 24 and records[-1]["lr"] == pytest.approx(3e-4)
+    assert records[-1]["elapsed_s"] == 6.0
+    assert records[-2]["lr"] > 3e-4
+
+
+ONE_RANK_NAN = """
+import sys
+import torch
+import torch.distributed as dist
+from gptforge.config import load_config
+from gptforge.model import GPT
+from gptforge.train.trainer import Trainer
+
+trainer = Trainer(load_config(sys.argv[1]), sys.argv[2])
+rank, poison, real_forward = trainer.rt.rank, [False], GPT.forward
+
+def forward(self, *args, **kwargs):
+    logits, loss = real_forward(self, *args, **kwargs)
+    if poison[0] and rank == 1 and loss is not None:
+        loss = loss + torch.tensor(float("nan"))  # a non-finite loss whose gradients are finite
+    return logits, loss
+
+GPT.forward = forward
+trainer.train_step()
+poison[0] = True
+before = [p.detach().clone() for p in trainer.raw_model.parameters()]
+trainer.train_step()
+changed = any(not torch.equal(a, b) for a, b in zip(before, trainer.raw_model.parameters()))
+flat = torch.cat([p.detach().flatten() for p in trainer.raw_model.parameters()])
+both = [torch.zeros_like(flat) for _ in range(2)]
+dist.all_gather(both, flat)
+print(f"rank {rank} changed={changed} same={torch.equal(both[0], both[1])}", flush=True)
+trainer.rt.close()
+"""
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_one_ranks_non_finite_loss_skips_the_update_on_every_rank(tiny_config, tmp_path, optimizer):
+    """Rank 1's loss is NaN but the (all-reduced) gradients are finite: every rank must skip that
+    update, or the replicas part (rank 0 would apply it, rank 1 not)."""
+    cfg = tiny_config("train.batch_size=2", "train.max_steps=4", "optim.warmup_steps=0", f"optim.name={optimizer}")
+    cfg.save(tmp_path / "cfg.toml")
+    (tmp_path / "nan.py").write_text(ONE_RANK_NAN)
+    env = _clean_env()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tmp_path / "nan.py"), str(tmp_path / "cfg.toml"), str(tmp_path / "run")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
+    assert lines == ["rank 0 changed=False same=True", "rank 1 changed=False same=True"], proc.stdout

@@ -64,4 +64,52 @@ def test_wsd_is_a_trapezoid_that_ends_at_the_floor():
     assert lrs[10:80] == [1.0] * 70  # stable
     assert lrs[80:] == pytest.approx([1.0 - 0.9 * (s - 79) / 20 for s in range(80, 100)])  # linear cool-down
     assert lrs[-1] == pytest.approx(0.1) and lr_at(100, cfg, 100) == 0.1
-    assert lr_at(50, cfg, None) == 1.0  # not sized yet (a time budget): hold the peak
+    assert lr_at(50, cfg, None) == 1.0  # no length: hold the peak
+
+
+def test_a_warm_up_longer_than_half_the_run_is_clipped():
+    """A warm-up of 300 updates in a run of 100 would never reach the peak nor cool down: it takes
+    half the run, then the schedule decays to the floor on the last update."""
+    from gptforge.train.optim import warmup_updates
+
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=300, schedule="wsd", cooldown_fraction=0.2)
+    assert warmup_updates(cfg, 100) == 50 and warmup_updates(cfg, 1000) == 300
+    lrs = [lr_at(s, cfg, 100) for s in range(100)]
+    assert lrs[:50] == pytest.approx([(s + 1) / 50 for s in range(50)]) and max(lrs) == 1.0
+    assert lrs[-1] == pytest.approx(0.1)
+    cos = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=30, schedule="cosine")
+    assert lr_at(9, cos, 20) == pytest.approx(1.0) and lr_at(19, cos, 20) < 0.2
+
+
+@pytest.mark.parametrize("schedule", ["wsd", "cosine", "constant"])
+def test_the_time_schedule_is_a_function_of_the_budget_spent(schedule):
+    """lr_at_time(step, progress): warm-up over warmup_steps updates, then the shape over the fraction
+    of the budget, min_lr as the budget runs out (constant: lr), whatever the step count."""
+    from gptforge.train.optim import lr_at_time
+
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, schedule=schedule, cooldown_fraction=0.25)
+    assert lr_at_time(0, 0.0, cfg) == pytest.approx(0.1)         # first update of the warm-up
+    assert lr_at_time(4, 0.0, cfg) == pytest.approx(0.5)
+    end = {"wsd": 0.1, "cosine": 0.1, "constant": 1.0}[schedule]
+    for steps in (20, 500, 10_000):  # the step count does not move the end
+        assert lr_at_time(steps, 1.0, cfg) == pytest.approx(end)
+        assert lr_at_time(steps, 1.7, cfg) == pytest.approx(end)   # past the budget: held at the floor
+    if schedule == "wsd":
+        assert lr_at_time(100, 0.75, cfg) == 1.0 and lr_at_time(100, 0.5, cfg) == 1.0
+        assert lr_at_time(100, 0.875, cfg) == pytest.approx(0.55)  # half-way down the cool-down
+    if schedule == "cosine":
+        assert lr_at_time(100, 0.5, cfg) == pytest.approx(0.55)
+        lrs = [lr_at_time(100, p / 100, cfg) for p in range(101)]
+        assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def test_a_time_budget_ends_a_slow_warm_up_by_half_the_budget():
+    """Updates so slow that warmup_steps would outlast the budget: the ramp follows the budget too, so
+    the peak is reached at half of it at the latest and the floor at its end."""
+    from gptforge.train.optim import lr_at_time, warmup_clipped_by_time
+
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=1000, schedule="wsd", cooldown_fraction=0.3)
+    assert lr_at_time(3, 0.25, cfg) == pytest.approx(0.5)
+    assert lr_at_time(6, 0.5, cfg) == 1.0 and warmup_clipped_by_time(6, 0.5, cfg)
+    assert not warmup_clipped_by_time(6, 0.4, cfg) and not warmup_clipped_by_time(999, 0.9, cfg)
+    assert lr_at_time(12, 1.0, cfg) == pytest.approx(0.1)

@@ -43,10 +43,10 @@ def test_the_resolved_config_is_complete_and_resolving_it_again_changes_nothing(
     assert again.config == plan.config and again.grad_accum_steps == plan.grad_accum_steps
 
 
-def test_a_time_budget_leaves_the_schedule_to_be_sized():
-    plan = plan_run(load_config(None, ["train.max_steps=none", "train.max_time=30"]))
-    assert plan.schedule_steps is None and plan.sized_by_time
-    plan.size_schedule(123)
-    assert (plan.schedule_steps, plan.config.optim.decay_steps, plan.config.train.max_steps) == (123, 123, 123)
-    constant = plan_run(load_config(None, ["train.max_steps=none", "train.max_time=30", "optim.schedule=constant"]))
-    assert not constant.sized_by_time
+def test_a_time_budget_alone_is_the_schedules_clock():
+    """train.max_time alone: no update count is derived (the LR follows the fraction of the budget);
+    with max_steps too, the steps give the schedule and the time only stops the run."""
+    plan = plan_run(load_config(None, ["train.max_steps=none", "train.max_time=10m"]))
+    assert plan.schedule_steps is None and plan.by_time and plan.config.train.max_time == 600.0
+    both = plan_run(load_config(None, ["train.max_steps=50", "train.max_time=30"]))
+    assert both.schedule_steps == 50 and not both.by_time

@@ -440,43 +440,6 @@ def test_compile_warm_up_is_reported_apart(tiny_config, tmp_path, read_metrics):
         assert not any("_orig_mod" in k for k in f.keys())
 
 
-def test_a_time_budget_sizes_the_schedule_and_resume_keeps_it(tiny_config, tmp_path, read_metrics):
-    """train.max_time alone: the run measures its speed, sizes a warmup-stable-decay schedule to end with
-    the budget, freezes it into RUN/config.toml, and a resume continues that schedule exactly: the same
-    losses as a run given the frozen length from the start, the LR at its floor on the last update."""
-    from gptforge.train.optim import lr_at
-
-    budget = ("train.max_steps=none", "train.max_time=4", "optim.schedule=wsd", "optim.warmup_steps=5",
-              "train.eval_every=100000", "train.checkpoint_every=100000", "optim.min_lr=3e-4")
-
-    def ctrl_c_after_sizing(step, record):
-        # The evaluation timed for the sizing is the first one: Ctrl-C then stops the run at the next step.
-        os.kill(os.getpid(), signal.SIGINT)
-
-    run = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(*budget), run, eval_hook=ctrl_c_after_sizing)
-    sized = next(e for e in read_metrics(run, "event") if e["event"] == "schedule_sized")
-    frozen = resume_config(run)
-    total = sized["updates"]
-    assert frozen.optim.decay_steps == frozen.train.max_steps == total > sized["step"] >= 4
-    assert sized["update_s"] > 0 and sized["budget_s"] == 4
-
-    # A generous max_time for the rest: the frozen length must end the run, however busy this machine is.
-    result = train(resume_config(run, ["train.max_time=600"]), run, resume=True)
-    assert result.step == total and result.stopped_by == "max_steps"
-    records = read_metrics(run, "train")
-    assert [r["step"] for r in records] == list(range(1, total + 1))
-    assert records[-1]["lr"] == pytest.approx(3e-4)  # at the floor on the last update
-    assert all(r["lr"] == pytest.approx(lr_at(r["step"] - 1, frozen.optim, total)) for r in records)
-
-    # The same run told its length up front (no budget, no interruption) computes the same updates.
-    fixed = [f"train.max_steps={total}", f"optim.decay_steps={total}", "optim.schedule=wsd",
-             "optim.warmup_steps=5", "train.eval_every=100000", "train.checkpoint_every=100000", "optim.min_lr=3e-4"]
-    train(tiny_config(*fixed), tmp_path / "fixed")
-    assert [r["loss"] for r in records] == [r["loss"] for r in read_metrics(tmp_path / "fixed", "train")]
-
-
 def test_muon_trains_checkpoints_and_resumes_exactly(tiny_config, tmp_path, read_metrics):
     """optim.name = muon: PyTorch's Muon on the blocks' matrices, AdamW on the rest, each with its own
     LR under one schedule; its state (both parts) is in the checkpoint, so resume is exact."""
@@ -529,27 +492,3 @@ def test_samples_are_written_at_each_evaluation_without_changing_the_training(ti
           tmp_path / "every3")
     every3 = [json.loads(line) for line in (tmp_path / "every3" / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in every3] == [3, 4] and every3[1]["text"] == samples[0]["text"]
-
-
-def test_a_budget_run_that_slows_down_moves_its_end_before_the_cool_down(tiny_config, tmp_path, read_metrics,
-                                                                        monkeypatch):
-    """A wsd budget run whose updates get several times slower after the sizing (another job took the
-    CPU) shortens its stable phase at the next log step, so the cool-down still fits the budget."""
-    import time as clock
-
-    real_step = Trainer.train_step
-
-    def slower_once_sized(self):
-        if self._sized_at is not None or self.plan.schedule_steps is not None:
-            clock.sleep(0.03)
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", slower_once_sized)
-    run = tmp_path / "run"
-    train(tiny_config("train.max_steps=none", "train.max_time=4", "optim.schedule=wsd", "train.log_every=5",
-                      "train.eval_every=100000", "train.checkpoint_every=100000"), run)
-    events = read_metrics(run, "event")
-    sized = next(e for e in events if e["event"] == "schedule_sized")
-    resized = [e for e in events if e["event"] == "schedule_resized"]
-    assert resized and resized[0]["was"] == sized["updates"] and resized[0]["updates"] < sized["updates"]
-    assert resume_config(run).train.max_steps == resized[-1]["updates"]  # saved: a resume keeps the new end

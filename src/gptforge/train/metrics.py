@@ -81,6 +81,9 @@ class MetricsLogger:
         # What MFU is a fraction of, printed beside it ("vs measured GEMM" on a CPU, "vs datasheet peak").
         self.mfu_basis: str | None = None
         self.total_steps = total_steps
+        # A run whose length is a time budget: the console shows its seconds against it and the ETA is
+        # what is left of it (set by the trainer).
+        self.time_budget: float | None = None
         self._file = None
         self._tb = None
         self._bar = None
@@ -148,6 +151,9 @@ class MetricsLogger:
             line = f"step {step}" + (f"/{self.total_steps}" if self.total_steps else "")
             parts = [line, self._summary(fields)]
             eta = self._eta(step, now)
+            if self.time_budget is not None and "elapsed_s" in fields:
+                parts.append(f"{fields['elapsed_s']:.0f}/{self.time_budget:.0f} s")
+                eta = max(0.0, self.time_budget - fields["elapsed_s"])
             if eta is not None:
                 parts.append(f"eta {_format_duration(eta)}")
             self._console(" | ".join(p for p in parts if p))

@@ -115,22 +115,32 @@ def set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
 
 
+def warmup_updates(cfg: OptimConfig, total_steps: int | None) -> int:
+    """The warm-up's length in updates: optim.warmup_steps, clipped to half of a run of total_steps
+    (a longer one would never reach the peak, let alone cool down). The trainer logs the clip."""
+    if total_steps is None:
+        return cfg.warmup_steps
+    return min(cfg.warmup_steps, total_steps // 2)
+
+
 def cooldown_start(cfg: OptimConfig, total_steps: int) -> int:
-    """The first update of a "wsd" schedule's cool-down (until then the LR does not depend on
-    total_steps, so a time budget may still move the end)."""
-    return max(cfg.warmup_steps, total_steps - max(1, round(cfg.cooldown_fraction * total_steps)))
+    """The first update of a "wsd" schedule's cool-down."""
+    return max(warmup_updates(cfg, total_steps), total_steps - max(1, round(cfg.cooldown_fraction * total_steps)))
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int | None) -> float:
-    """Learning rate for optimizer update `step` (0-based). Every schedule warms up linearly from
-    lr/warmup to lr over warmup_steps; then
+    """Learning rate for optimizer update `step` (0-based) of a run whose length is in updates. Every
+    schedule warms up linearly from lr/warmup to lr over warmup_updates() (warmup_steps, at most half
+    the run); then
     - "cosine": cosine decay to min_lr at total_steps (held there after);
     - "wsd" (warmup-stable-decay, a trapezoid): lr until the last `cooldown_fraction` of total_steps,
       then a straight line down to min_lr, reached exactly on the last update (total_steps - 1);
     - "constant": lr.
-    With total_steps None (a time budget not yet sized) every schedule holds lr after the warm-up."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+    With total_steps None every schedule holds lr after the warm-up. A run whose length is a time
+    budget takes lr_at_time instead."""
+    warmup = warmup_updates(cfg, total_steps)
+    if warmup > 0 and step < warmup:
+        return cfg.lr * (step + 1) / warmup
     if cfg.schedule == "constant" or total_steps is None:
         return cfg.lr
     if step >= total_steps:
@@ -141,7 +151,43 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int | None) -> float:
             return cfg.lr
         done = (step - decay_start + 1) / (total_steps - decay_start)  # (0, 1], 1 on the last update
         return cfg.lr + done * (cfg.min_lr - cfg.lr)
-    span = max(1, total_steps - cfg.warmup_steps)
-    progress = (step - cfg.warmup_steps) / span
+    span = max(1, total_steps - warmup)
+    progress = (step - warmup) / span
     coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
     return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
+
+
+# A time-budget run's warm-up ends by this fraction of the budget at the latest, whatever
+# optim.warmup_steps says (as a run of N updates clips its warm-up to N // 2).
+WARMUP_MAX_FRACTION = 0.5
+
+
+def warmup_clipped_by_time(step: int, progress: float, cfg: OptimConfig) -> bool:
+    """Whether a time-budget run's warm-up is cut short at this update (the budget's half came first)."""
+    return step + 1 < cfg.warmup_steps and progress >= WARMUP_MAX_FRACTION
+
+
+def lr_at_time(step: int, progress: float, cfg: OptimConfig) -> float:
+    """Learning rate for update `step` of a run whose length is a time budget, from `progress`, the
+    fraction of the budget spent when this update ends (training seconds / train.max_time, clamped to
+    [0, 1]). The budget is the schedule's clock (autoresearch's lr_multiplier(progress)):
+    - warm-up: linear over the first optim.warmup_steps updates, and over at most the first half of
+      the budget (WARMUP_MAX_FRACTION): the factor is the larger of the two ramps;
+    - "cosine": from lr at progress 0 to min_lr at progress 1;
+    - "wsd": lr until the last `cooldown_fraction` of the budget, then straight down to min_lr at 1;
+    - "constant": lr.
+    It reaches min_lr as the budget runs out, whatever the speed of the machine or a resume."""
+    progress = min(1.0, max(0.0, progress))
+    if cfg.schedule == "constant":
+        shape = cfg.lr
+    elif cfg.schedule == "wsd":
+        start = 1.0 - cfg.cooldown_fraction
+        done = 0.0 if progress <= start else (progress - start) / cfg.cooldown_fraction
+        shape = cfg.lr + done * (cfg.min_lr - cfg.lr)
+    else:
+        shape = cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    if cfg.warmup_steps > 0:
+        ramp = max((step + 1) / cfg.warmup_steps, progress / WARMUP_MAX_FRACTION)
+        if ramp < 1.0:
+            return shape * ramp
+    return shape

@@ -10,7 +10,7 @@ order, each from what came before it:
 2. the model's shape: every field set (the preset fills what the config leaves unset);
 3. the update size: tokens per update and micro-batches per process (for this world size);
 4. the schedule's length: optim.decay_steps, else train.max_steps, else from train.max_tokens, else
-   None (only train.max_time bounds the run: the trainer sizes it once it has measured its speed);
+   None (only train.max_time bounds the run: the budget is the schedule's clock, see by_time);
 5. the data's identity: corpus paths made absolute (their sha256 goes to RUN/data.json once prepared).
 The resolved config holds all of it (train.tokens_per_update, not the world-size-dependent
 grad_accum_steps, so a resume on another number of processes keeps the update size), so the saved
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,31 +42,30 @@ class RunPlan:
     grad_accum_steps: int
     tokens_per_update: int
     schedule_steps: int | None
-    """The LR schedule's length in updates; None until a train.max_time run has sized it."""
+    """The LR schedule's length in updates; None when a time budget (or nothing: "constant") is its clock."""
     init: InitWeights | None = None
     """train.init's weights, loaded (None without train.init, or on resume)."""
+    extra_notes: list[str] = field(default_factory=list)
+    """More comment lines for RUN/config.toml (what model.preset = "auto" chose and why)."""
 
     @property
     def block_size(self) -> int:
         return self.config.model.block_size  # type: ignore[return-value]
 
     @property
-    def sized_by_time(self) -> bool:
-        """Whether the schedule's length is still to be measured against train.max_time."""
-        return self.schedule_steps is None and self.config.optim.schedule != "constant"
+    def by_time(self) -> bool:
+        """Whether train.max_time alone gives the run its length: the LR schedule then follows the
+        fraction of the budget spent (optim.lr_at_time), not an update count."""
+        return self.schedule_steps is None and self.config.train.max_time is not None
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
         """The exact model: the resolved shape and the tokenizer's vocabulary size."""
         return GPTConfig(vocab_size=vocab_size, **self.config.model.shape())
 
-    def size_schedule(self, steps: int) -> None:
-        """Fix the schedule's length (and the run's) at `steps` updates: a train.max_time run, once measured."""
-        self.schedule_steps = self.config.optim.decay_steps = self.config.train.max_steps = steps
-
     def notes(self) -> list[str]:
         return [f"resolved for {self.world_size} process(es): {self.grad_accum_steps} micro-batch(es) of "
                 f"{self.config.train.batch_size} x {self.block_size} tokens per process per update "
-                f"(train.grad_accum_steps), {self.tokens_per_update:,} tokens per update"]
+                f"(train.grad_accum_steps), {self.tokens_per_update:,} tokens per update", *self.extra_notes]
 
     def save(self, path: str | Path) -> Path:
         """RUN/config.toml: the resolved config, with the derived micro-batch count as a comment."""

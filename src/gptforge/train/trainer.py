@@ -13,7 +13,15 @@ with `stop_metric = "train_full"`, over every token of the training split.
 
 Exactness of resume: the state saved in checkpoints/latest holds the step, tokens seen, elapsed
 time, best validation loss, the optimizer, the sampler's position and every RNG of every rank, so a
-run interrupted at step N and resumed computes the same updates as one that never stopped.
+run interrupted at step N and resumed computes the same updates as one that never stopped. A run
+whose length is a time budget (train.max_time alone) takes its learning rate from the fraction of
+the budget spent (optim.lr_at_time): its resume continues the clock, and is not bit-exact, since the
+seconds of the resumed updates are not those of the first attempt.
+
+The training clock (`elapsed`, what train.max_time counts) runs from the first update to the last
+and includes everything the loop does in between: updates, periodic evaluations, samples and
+checkpoints. It excludes the start-up (data preparation, building the model, measuring the peak
+FLOPs), a train.compile warm-up update, and the final evaluation and save after the last update.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import shutil
 import signal
 import threading
 import time
@@ -35,16 +45,23 @@ import numpy as np
 import torch
 
 from gptforge import runs
-from gptforge.config import Config, load_config
+from gptforge.config import AUTO, Config, load_config
 from gptforge.data.tokenizers import load_tokenizer
 from gptforge.data.tokens import BatchSampler, prepare
 from gptforge.errors import GptforgeError
 from gptforge.generate import Generator  # samples written while training (train.sample_every)
-from gptforge.io import atomic_write_text
+from gptforge.io import RunLock, atomic_write_text
 from gptforge.model import GPT
 from gptforge.train import checkpoint as ckpt
 from gptforge.train.metrics import MetricsLogger, device_peak_flops, mfu
-from gptforge.train.optim import configure_optimizer, lr_at, set_lr
+from gptforge.train.optim import (
+    configure_optimizer,
+    lr_at,
+    lr_at_time,
+    set_lr,
+    warmup_clipped_by_time,
+    warmup_updates,
+)
 from gptforge.train.plan import RunPlan, plan_run
 from gptforge.train.runtime import (
     Runtime,
@@ -76,14 +93,15 @@ class TrainResult:
 
 
 def train(config: Config, out_dir: str | Path, resume: bool = False,
-          eval_hook: EvalHook | None = None) -> TrainResult:
+          eval_hook: EvalHook | None = None, clock: Callable[[], float] | None = None) -> TrainResult:
     """Train `config` into the run directory `out_dir` (or continue it with resume=True).
 
     `eval_hook(step, record)` is called after each evaluation on rank 0; an exception it raises
     stops the run after the latest checkpoint is saved and propagates. Ctrl-C or SIGTERM finish
     the current step, save latest and raise KeyboardInterrupt. A non-finite loss raises
-    GptforgeError and leaves the last good checkpoint untouched."""
-    trainer = Trainer(config, out_dir, resume=resume, eval_hook=eval_hook)
+    GptforgeError and leaves the last good checkpoint untouched. `clock` is the time source in seconds
+    (time.perf_counter; tests pass one they control)."""
+    trainer = Trainer(config, out_dir, resume=resume, eval_hook=eval_hook, clock=clock)
     return trainer.train()
 
 
@@ -91,18 +109,43 @@ class Trainer:
     """One run: model, optimizer, data stream and counters; `train()` drives it."""
 
     def __init__(self, config: Config, out_dir: str | Path, resume: bool = False,
-                 eval_hook: EvalHook | None = None) -> None:
+                 eval_hook: EvalHook | None = None, clock: Callable[[], float] | None = None) -> None:
         self.run_dir = Path(out_dir)
+        self.clock = clock or time.perf_counter
+        # One trainer per run directory (rank 0 holds the lock for every rank of its job): a second
+        # `train --resume RUN` while this one runs is refused before it reads or writes anything.
+        self._lock = RunLock(self.run_dir)
+        if int(os.environ.get("RANK", "0")) == 0:
+            created = not self.run_dir.exists()
+            self._lock.acquire()
+            try:
+                self._init(config, resume, eval_hook)
+            except BaseException:
+                self._lock.release()
+                if created:  # a run that never started leaves no directory behind
+                    shutil.rmtree(self.run_dir, ignore_errors=True)
+                raise
+        else:
+            self._init(config, resume, eval_hook)
+
+    def _init(self, config: Config, resume: bool, eval_hook: EvalHook | None) -> None:
         # A run killed before its first checkpoint has only its config: --resume starts it again from
         # step 0 with that config, so a restart loop on a preemptible machine always gets somewhere.
         has_checkpoint = self._check_run_dir(resume)
         self.restarted = resume and not has_checkpoint
         resume = resume and not self.restarted
         self.rt: Runtime = setup_runtime(config.train.device, config.train.dtype)
+        self.auto = None  # model.preset = "auto": what it chose (gptforge.train.auto)
+        if config.model.preset == AUTO and not resume:
+            config = self._choose_for_budget(config)
         # Everything derived from the config (the init weights' shapes, the update size, the schedule's
         # length, absolute corpus paths) is resolved here, once, before any data is prepared.
         self.plan: RunPlan = plan_run(config, world_size=self.rt.world_size, resume=resume)
         self.config, self.eval_hook, self.init = self.plan.config, eval_hook, self.plan.init
+        if self.auto is not None:
+            e = self.auto.event()
+            self.plan.extra_notes.append(f"model.preset = 'auto' chose rung {e['rung']} in {e['seconds']} s of the "
+                                         f"budget; measured: {e['measured']}")
         config, t = self.config, self.config.train
         # Evaluation runs in float32 whatever the training precision, as `gptforge eval` does, so a
         # logged loss (and a stop_at_loss decision) is the number `gptforge eval` reproduces.
@@ -151,19 +194,24 @@ class Trainer:
         self._bad_value = torch.zeros((), dtype=torch.float32, device=self.rt.device)
         self.compile_s: float | None = None  # the first update's seconds under train.compile (warm-up)
         self.elapsed_start = 0.0  # self.elapsed when train() began (set there)
-        self._interval = (time.perf_counter(), 0)  # (time, tokens) where tokens/s is measured from
+        self._interval = (self.clock(), 0)  # (time, tokens) where tokens/s is measured from
         self._last_logged_step = -1
         self._time_up = False
         self._stop_event: dict[str, Any] | None = None
         self._flops_per_token, self._peak_flops = 0.0, None
-        # train.max_time alone: the schedule's length is measured, not given (see _size_schedule).
-        self._sizing = self.plan.sized_by_time
-        self._size_from: tuple[int, float] | None = None  # (step, elapsed) where the speed is measured from
-        self._clock_start = 0.0  # perf_counter() at which self.elapsed_start was the elapsed time
-        self._last_eval_s = self._last_checkpoint_s = 0.0  # how long the last evaluation / save took
+        # train.max_time alone: the budget is the schedule's clock (see _progress).
+        self.by_time = self.plan.by_time
+        self._clock_start = 0.0  # self.clock() at which self.elapsed_start was the elapsed time
+        self._last_checkpoint_s = 0.0  # how long the last save took
+        self._update_s = 0.0  # the last update's seconds (single process)
+        # Under DDP the clock the LR follows must be the same on every rank: (step, elapsed, seconds per
+        # update) agreed at the last sync step, extrapolated between them (see _agreed_elapsed).
+        self._sync_clock = (0, 0.0, 0.0)
+        self._warmup_clip_logged = False
         self._last_sample_step = -1
-        self._sized_at: tuple[int, float] | None = None  # (step, elapsed) when a wsd budget run was sized
 
+        if self.auto is not None:  # measuring the rungs took part of the budget
+            self.elapsed = self.auto.seconds
         if resume:
             self._load_latest()
         elif self.init is not None:
@@ -184,6 +232,8 @@ class Trainer:
         self.log = MetricsLogger(self.run_dir, total_steps=t.max_steps, enabled=self.rt.is_main,
                                  tensorboard=t.tensorboard,
                                  resume_step=self.step if (resume or self.restarted) else None)
+        if self.by_time:
+            self.log.time_budget = t.max_time
         if self.rt.is_main and not resume:
             if not self.restarted:  # a restart runs the config saved when the run began
                 self.plan.save(self.run_dir / "config.toml")
@@ -204,7 +254,8 @@ class Trainer:
         self._log_start()
         stop = _StopRequest()
         stop.install()
-        self._clock_start, self.elapsed_start = time.perf_counter(), self.elapsed
+        self._clock_start, self.elapsed_start = self.clock(), self.elapsed
+        self._sync_clock = (self.step, self.elapsed, 0.0)
         # Before the first step all ranks hold the same (saved) elapsed time.
         self._time_up = t.max_time is not None and self.elapsed >= t.max_time
         stopped_by, last = None, None
@@ -214,26 +265,26 @@ class Trainer:
                 stopped_by = self._limit_reached()
                 if stopped_by:
                     break
-                step_start = time.perf_counter()
+                step_start = self.clock()
                 loss, grad_norm, lr = self.train_step()
                 self._watch_finite(loss, grad_norm)
                 self.step += 1
                 self.tokens += self.tokens_per_update
-                if t.compile and self.compile_s is None:
+                compiled_now = t.compile and self.compile_s is None
+                if compiled_now:
                     # The first update compiles the model: its seconds are reported apart and left out
                     # of tokens/s, MFU and max_time.
                     self._synchronize()
-                    self.compile_s = time.perf_counter() - step_start
+                    self.compile_s = self.clock() - step_start
                     self._clock_start += self.compile_s
-                    self._interval = (time.perf_counter(), self.tokens)
+                    self._interval = (self.clock(), self.tokens)
                     self.log.event("compiled", step=self.step, seconds=round(self.compile_s, 3))
                 self._tick()
-                time_up = t.max_time is not None and self.elapsed >= t.max_time
-                size_now = self._sizing_due()  # under DDP agreed on at the next sync step, as stops are
-                if not (self._is_sync_step(stop.requested or time_up) or (size_now and not self.rt.distributed)):
+                self._update_s = 0.0 if compiled_now else self.clock() - step_start
+                time_up = self._time_is_up()
+                if not self._is_sync_step(stop.requested, time_up):
                     continue
-                loss, grad_norm, interrupted, size_now = self._read_back(loss, grad_norm, stop.requested, time_up,
-                                                                         size_now)
+                loss, grad_norm, interrupted = self._read_back(loss, grad_norm, stop.requested, time_up)
                 self.last_train_loss = loss
                 last = (loss, grad_norm, lr)
 
@@ -249,12 +300,6 @@ class Trainer:
                     self.save_checkpoint()
                     self.log.event("stopped", reason="interrupted", value=self.step, step=self.step)
                     raise KeyboardInterrupt
-                if self._size_from is None:
-                    self._size_from = (self.step, self.elapsed)
-                elif size_now and not stopped_by:
-                    stopped_by = self._size_schedule()
-                elif self._sized_at is not None and not stopped_by:
-                    self._resize_schedule()
                 if stopped_by:
                     break
             if last is not None and self._last_logged_step != self.step:
@@ -284,7 +329,15 @@ class Trainer:
         so the accumulated gradient is that of the mean over the update's tokens. An update whose loss
         or gradient norm is not finite is skipped on the device: it never reaches the weights."""
         o = self.config.optim
-        lr = lr_at(self.step, o, self.total_steps)
+        if self.by_time:
+            progress = self._progress()
+            lr = lr_at_time(self.step, progress, o)
+            if not self._warmup_clip_logged and warmup_clipped_by_time(self.step, progress, o):
+                self._warmup_clip_logged = True
+                self.log.event("warmup_clipped", step=self.step, warmup_steps=self.step, asked=o.warmup_steps,
+                               reason="half of train.max_time spent before optim.warmup_steps updates")
+        else:
+            lr = lr_at(self.step, o, self.total_steps)
         set_lr(self.optimizer, lr)
         self.model.train()
         loss_sum = torch.zeros((), device=self.rt.device, dtype=torch.float32)
@@ -306,7 +359,13 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            self._step_unless(~(torch.isfinite(loss) & torch.isfinite(grad_norm)))
+            bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+            if self.rt.distributed:
+                # The gradients (and so their norm) are the same on every rank, the loss is not: one rank's
+                # non-finite loss must skip the update everywhere, or the replicas would part. A device
+                # all-reduce: no host read-back.
+                bad = self.rt.all_reduce_sum(bad.to(torch.float32)) > 0
+            self._step_unless(bad)
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm, lr
 
@@ -403,11 +462,19 @@ class Trainer:
     def save_checkpoint(self, keep_step_copy: bool = False, collective: bool = True) -> None:
         """checkpoints/latest (atomically), plus a step-NNNNNNN copy and pruning when asked.
         Collective under DDP (every rank takes part) unless collective=False (rank 0 alone)."""
-        clock = time.perf_counter()
-        state = self.state_dict(collective)
+        clock = self.clock()
+        # The elapsed time saved counts everything done at this step (its evaluation and sample too),
+        # and the previous save's seconds stand in for this one's, so a resume gets no time back.
+        self._tick()
+        elapsed = self.elapsed
+        self.elapsed += self._last_checkpoint_s
+        try:
+            state = self.state_dict(collective)
+        finally:
+            self.elapsed = elapsed
         if self.rt.is_main and self.last_saved_step != self.step:
             latest = self.run_dir / ckpt.CHECKPOINTS / "latest"
-            ckpt.save_model(latest, self.raw_model, self._info(), state=state)
+            ckpt.save_model(latest, self.raw_model, {**self._info(), "time": state["trainer"]["elapsed"]}, state=state)
             self.last_saved_step = self.step
         if self.rt.is_main and keep_step_copy and self.config.train.keep_last > 0:
             latest = self.run_dir / ckpt.CHECKPOINTS / "latest"
@@ -415,22 +482,20 @@ class Trainer:
             ckpt.prune_step_checkpoints(self.run_dir, self.config.train.keep_last)
         if collective:
             self.rt.barrier()
-        self._last_checkpoint_s = time.perf_counter() - clock
-        self._interval = (time.perf_counter(), self.tokens)
+        self._last_checkpoint_s = self.clock() - clock
+        self._interval = (self.clock(), self.tokens)
 
     # ------------------------------------------------------------------------------------ helpers
 
     def _evaluate_and_maybe_stop(self, final: bool = False) -> str | None:
         t = self.config.train
-        clock = time.perf_counter()
         record = self.evaluate()
         record["elapsed_s"] = round(self.elapsed, 3)  # the training clock when this evaluation began
-        self._last_eval_s = time.perf_counter() - clock
         self.last_eval_step = self.step
         self.last_val_loss = record.get("val_loss", self.last_val_loss)
         self.last_eval_train_loss = record.get("train_loss", self.last_eval_train_loss)
         self.log.log_eval(self.step, **record)
-        self._interval = (time.perf_counter(), self.tokens)  # tokens/s counts training time only
+        self._interval = (self.clock(), self.tokens)  # tokens/s counts training time only
         val = record.get("val_loss")
         if val is not None and val < self.best_val:
             self.best_val = val
@@ -513,29 +578,41 @@ class Trainer:
         self._bad_value = torch.where(first, torch.where(bad_loss, loss.float(), grad_norm.float()),
                                       self._bad_value)
 
-    def _is_sync_step(self, stop_now: bool) -> bool:
+    def _is_sync_step(self, stop_requested: bool, time_up: bool) -> bool:
         """Whether this step reads its results back: log, evaluation and checkpoint steps, the last
-        step, and (in one process) a requested stop. Under DDP a Ctrl-C or max_time is agreed on at
-        the next such step, so every rank stops at the same one."""
+        step, the end of a time budget, and (in one process) a Ctrl-C. Under DDP a Ctrl-C is agreed on
+        at the next such step, so every rank stops at the same one; the end of a budget is decided on
+        the agreed clock, the same on every rank (see _time_is_up)."""
         t, s = self.config.train, self.step
         return (s == 1 or s % t.log_every == 0 or s % t.eval_every == 0 or s % t.checkpoint_every == 0
                 or (bool(t.sample_every) and s % t.sample_every == 0)
                 or (t.max_steps is not None and s >= t.max_steps)
                 or (t.max_tokens is not None and self.tokens >= t.max_tokens)
-                or (stop_now and not self.rt.distributed))
+                or time_up or (stop_requested and not self.rt.distributed))
 
     def _read_back(self, loss: torch.Tensor, grad_norm: torch.Tensor, stop_requested: bool,
-                   time_up: bool, size_now: bool = False) -> tuple[float, float, bool, bool]:
-        """The host's view at a sync step: (mean loss over ranks, grad norm, interrupted, size the
-        schedule now). Every rank agrees on the flags (one all-reduce); a non-finite update since the
+                   time_up: bool) -> tuple[float, float, bool]:
+        """The host's view at a sync step: (mean loss over ranks, grad norm, interrupted). Every rank
+        agrees on the flags and on the training clock (one all-reduce); a non-finite update since the
         last sync raises."""
         if self.rt.distributed:
-            host = torch.tensor([float(stop_requested), float(time_up), float(size_now)], dtype=torch.float64)
+            host = torch.tensor([float(stop_requested), float(time_up), self.elapsed], dtype=torch.float64)
             flags = torch.cat([loss.detach().double().reshape(1), host.to(loss.device),
                                (self._bad_step >= 0).double().reshape(1)])
-            loss_sum, stops, ups, sizes, bads = self.rt.all_reduce_sum(flags).tolist()
-            mean_loss, interrupted, self._time_up, any_bad = loss_sum / self.world, stops > 0, ups > 0, bads > 0
-            size_now = sizes > 0
+            loss_sum, stops, _, elapsed_sum, bads = self.rt.all_reduce_sum(flags).tolist()
+            mean_loss, interrupted, any_bad = loss_sum / self.world, stops > 0, bads > 0
+            step0, elapsed0, _ = self._sync_clock
+            agreed = elapsed_sum / self.world
+            per_update = (agreed - elapsed0) / (self.step - step0) if self.step > step0 else 0.0
+            self._sync_clock = (self.step, agreed, per_update)
+            # Every rank's own clock is set to the agreed one, so the seconds logged and checkpointed
+            # (by rank 0) are the job's, not one rank's.
+            self._clock_start += self.elapsed - agreed
+            self.elapsed = agreed
+            # The end of the budget is read on the agreed clock itself, not on the extrapolation that
+            # made this a sync step (it may run ahead after a slow first update).
+            max_time = self.config.train.max_time
+            self._time_up = max_time is not None and agreed >= max_time
         else:
             mean_loss, interrupted, self._time_up = float(loss), stop_requested, time_up
             any_bad = int(self._bad_step) >= 0
@@ -545,94 +622,38 @@ class Trainer:
                 self._stop_on_nan("training loss", float("nan"), self.step)
             what = "training loss" if int(self._bad_what) == 0 else "gradient norm"
             self._stop_on_nan(what, float(self._bad_value), step)
-        return mean_loss, float(grad_norm), interrupted, size_now
+        return mean_loss, float(grad_norm), interrupted
 
     def _tick(self) -> None:
-        """self.elapsed: training seconds so far (evaluations and checkpoints included, the compile
-        step not), summed over resumed runs."""
-        self.elapsed = self.elapsed_start + time.perf_counter() - self._clock_start
+        """self.elapsed: the training clock (see the module docstring), summed over resumed runs."""
+        self.elapsed = self.elapsed_start + self.clock() - self._clock_start
 
-    def _sizing_due(self) -> bool:
-        """Time to size a max_time schedule: a few updates measured over ~3% of the budget (>= 1 s)."""
-        if not self._sizing or self._size_from is None:
+    def _agreed_elapsed(self) -> float:
+        """Under DDP, the training clock every rank agrees on without talking: the mean over ranks at the
+        last sync step, plus the seconds per update measured between the last two sync steps for each
+        update since. One process reads its own clock."""
+        if not self.rt.distributed:
+            return self.elapsed_start + self.clock() - self._clock_start
+        step0, elapsed0, per_update = self._sync_clock
+        return elapsed0 + (self.step - step0) * per_update
+
+    def _progress(self) -> float:
+        """The fraction of train.max_time spent when the coming update ends: the clock now plus the last
+        update's seconds (one process; under DDP the agreed seconds per update), so the update that uses
+        up the budget is the one that reaches min_lr."""
+        if self.rt.distributed:
+            step0, elapsed0, per_update = self._sync_clock
+            seconds = elapsed0 + (self.step + 1 - step0) * per_update
+        else:
+            seconds = self._agreed_elapsed() + self._update_s
+        return seconds / self.config.train.max_time  # type: ignore[operator]
+
+    def _time_is_up(self) -> bool:
+        """train.max_time spent, on this process's clock (one process) or the agreed one (DDP)."""
+        max_time = self.config.train.max_time
+        if max_time is None:
             return False
-        step0, elapsed0 = self._size_from
-        window = max(1.0, 0.03 * self.config.train.max_time)  # type: ignore[operator]
-        return self.step - step0 >= 3 and self.elapsed - elapsed0 >= window
-
-    def _size_schedule(self) -> str | None:
-        """Fit the schedule to train.max_time: from the measured seconds per update, plus one evaluation
-        and one checkpoint timed now (standing for those to come and the final ones), the number of
-        updates that end with the budget. It is frozen into RUN/config.toml (optim.decay_steps and
-        train.max_steps) so a resume continues the same schedule. Returns a stop reason if the
-        evaluation made here reached train.stop_at_loss."""
-        t = self.config.train
-        step0, elapsed0 = self._size_from  # type: ignore[misc]
-        step_s = (self.elapsed - elapsed0) / (self.step - step0)
-        stopped_by = None
-        if self.last_eval_step != self.step:
-            stopped_by = self._evaluate_and_maybe_stop()
-        sample_s = 0.0
-        if self._sample_due():  # the samples that go with evaluations cost time too
-            clock = time.perf_counter()
-            self.write_sample()
-            sample_s = time.perf_counter() - clock
-        if self.last_saved_step != self.step:
-            self.save_checkpoint()
-        eval_s, checkpoint_s = self._last_eval_s + sample_s, self._last_checkpoint_s
-        self._tick()
-        remaining = 0.98 * t.max_time - self.elapsed - eval_s - checkpoint_s  # type: ignore[operator]
-        per_update = step_s + eval_s / t.eval_every + checkpoint_s / t.checkpoint_every
-        total = self.step + max(1, math.floor(remaining / per_update))
-        if self.rt.distributed:  # rank 0's decision for every rank
-            total = int(self.rt.all_reduce_sum(torch.tensor(
-                [total if self.rt.is_main else 0], dtype=torch.float64, device=self.rt.device)).item())
-        self.plan.size_schedule(total)
-        self.total_steps = total
-        self._sizing = False
-        self.log.set_total_steps(total)
-        if self.rt.is_main:
-            self.plan.save(self.run_dir / "config.toml")
-        self.log.event("schedule_sized", step=self.step, updates=total, budget_s=t.max_time,
-                       update_s=round(step_s, 4), eval_s=round(eval_s, 3), checkpoint_s=round(checkpoint_s, 3))
-        if self.config.optim.schedule == "wsd":  # its end may still move, until the cool-down begins
-            self._sized_at = (self.step, self.elapsed)
-        return stopped_by
-
-    def _resize_schedule(self) -> None:
-        """A wsd budget run whose machine got slower (or faster) since it was sized: before the cool-down
-        begins, move the end so the run still finishes with the budget. The seconds per update are
-        measured since the sizing, evaluations and checkpoints included; the end moves when it would
-        miss the budget by more than 5% of what is left, and RUN/config.toml is saved again."""
-        from gptforge.train.optim import cooldown_start
-
-        t, o = self.config.train, self.config.optim
-        step0, elapsed0 = self._sized_at  # type: ignore[misc]
-        total0 = self.total_steps  # type: ignore[assignment]
-        cooldown = max(1, round(o.cooldown_fraction * total0))
-        if self.step >= min(cooldown_start(o, total0), total0 - cooldown) or total0 - self.step < 10:
-            self._sized_at = None  # cooling down (or nearly done): the end is fixed now
-            return
-        if self.step <= step0:
-            return
-        per_update = (self.elapsed - elapsed0) / (self.step - step0)
-        remaining = 0.98 * t.max_time - self.elapsed - self._last_eval_s - self._last_checkpoint_s  # type: ignore[operator]
-        total = self.step + max(1, math.floor(remaining / per_update))
-        # The new end may not put this step inside its cool-down (the LR would jump down): the cool-down
-        # then starts at the next update at the earliest, and max_time stops the run if it must.
-        total = max(total, math.ceil((self.step + 2) / (1 - o.cooldown_fraction)) if o.cooldown_fraction < 1 else total)
-        if self.rt.distributed:  # rank 0's decision for every rank
-            total = int(self.rt.all_reduce_sum(torch.tensor(
-                [total if self.rt.is_main else 0], dtype=torch.float64, device=self.rt.device)).item())
-        if abs(total - self.total_steps) <= 0.05 * (self.total_steps - self.step):  # type: ignore[operator]
-            return
-        self.log.event("schedule_resized", step=self.step, updates=total, was=self.total_steps,
-                       update_s=round(per_update, 4))
-        self.plan.size_schedule(total)
-        self.total_steps = total
-        self.log.set_total_steps(total)
-        if self.rt.is_main:
-            self.plan.save(self.run_dir / "config.toml")
+        return (self._agreed_elapsed() if self.rt.distributed else self.elapsed) >= max_time
 
     def _synchronize(self) -> None:
         if self.rt.device.type == "cuda":
@@ -640,7 +661,7 @@ class Trainer:
 
 
     def _log_train(self, loss: float, grad_norm: float, lr: float) -> None:
-        now = time.perf_counter()
+        now = self.clock()
         t0, tok0 = self._interval
         tps = (self.tokens - tok0) / max(now - t0, 1e-9) if self.tokens > tok0 else None
         self._interval = (now, self.tokens)
@@ -669,7 +690,7 @@ class Trainer:
             except Exception as e:  # MFU is a nicety; never fail a run over it
                 peak_source = f"unavailable ({type(e).__name__})"
         self.log.mfu_basis = "vs measured GEMM" if peak_source.startswith("measured") else "vs datasheet peak"
-        self._interval = (time.perf_counter(), self.tokens)
+        self._interval = (self.clock(), self.tokens)
         self._last_logged_step = self.step
         if self.restarted:
             self.log.print(f"gptforge: {self.run_dir} saved no checkpoint before it stopped; starting it again "
@@ -682,6 +703,12 @@ class Trainer:
             vocab_size=self.tokenizer.vocab_size, train_tokens=len(self.data.train),
             val_tokens=0 if self.data.val is None else len(self.data.val), peak_flops=self._peak_flops,
             peak_flops_source=peak_source, mfu_basis=self.log.mfu_basis)
+        if self.auto is not None:
+            self.log.event("auto", step=0, **self.auto.event())
+        o = self.config.optim
+        if not self.by_time and self.step == 0 and warmup_updates(o, self.total_steps) < o.warmup_steps:
+            self.log.event("warmup_clipped", step=0, warmup_steps=warmup_updates(o, self.total_steps),
+                           asked=o.warmup_steps, reason=f"at most half of the run's {self.total_steps} updates")
 
     def _finish(self) -> None:
         self.log.close()
@@ -693,6 +720,7 @@ class Trainer:
             except Exception as e:  # the run's results matter more than its picture
                 print(f"gptforge: could not draw {self.run_dir / 'loss.png'}: {type(e).__name__}: {e}")
         self.rt.close()
+        self._lock.release()
 
     def _info(self) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens, "train_loss": self.last_train_loss,
@@ -714,6 +742,27 @@ class Trainer:
             raise GptforgeError(f"{self.run_dir} holds a run that saved no checkpoint yet; start it again with "
                                 f"--resume {self.run_dir}, or pick another --out")
         return has_checkpoint
+
+    def _choose_for_budget(self, config: Config) -> Config:
+        """model.preset = "auto": prepare the data at the smallest context, measure the ladder's rungs on
+        this machine and return the config with the chosen shape, batch and LRs written in (saved in
+        RUN/config.toml, so the run reproduces and resumes without auto). Its seconds count in the budget."""
+        from gptforge.train import auto
+
+        config.validate()
+        probe = dataclasses.replace(config, model=dataclasses.replace(config.model, preset="tiny",
+                                                                      block_size=auto.smallest_context()))
+        self.plan = plan_run(probe, world_size=self.rt.world_size)
+        self.config = self.plan.config
+        self.block_size = self.plan.block_size
+        self.init = None
+        if self.rt.is_main:
+            data = self._prepare_data(False)
+        self.rt.barrier()
+        if not self.rt.is_main:
+            data = self._prepare_data(False)
+        self.auto = auto.choose_for_budget(config, data, self.rt, clock=self.clock)
+        return self.auto.config
 
     def _prepare_data(self, resume: bool):
         d = self.config.data

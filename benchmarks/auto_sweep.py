@@ -1,0 +1,180 @@
+"""The evidence behind model.preset = "auto": for each corpus x tokenizer x time budget, train `auto`
+and the `mini`, `small` and `base` presets (each in auto's recipe: Muon + wsd, the AdamW LR scaled as
+1/width, the same budget) and score each exactly on the whole validation split.
+
+    python benchmarks/auto_sweep.py                                  # 2 corpora x 2 tokenizers x 30 s, 90 s
+    python benchmarks/auto_sweep.py --budgets 30 --corpora python --tokenizers char --no-write
+    python benchmarks/auto_sweep.py --rungs                          # also every ladder rung (the rule's sweep)
+
+Corpora: Tiny Shakespeare (what the CPU recipes were tuned on) and ~2 MB of Python source gathered
+from this Python's own standard library (code, a kind of text nothing was tuned on; made on the
+fly, never stored in the repository). Writes docs/results/auto_sweep.jsonl (one line per run), the
+table between the `<!-- bench:auto -->` markers of docs/auto.md and docs/results/auto_sweep.png
+(validation loss of each shape against the budget, per corpus and tokenizer), with the machine.
+Losses: mean cross-entropy in nats per token on the whole validation split (float32); bits per byte
+beside it where the tokenizer knows its tokens' bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, machine_summary, update_section  # noqa: E402
+
+from gptforge.config import load_config  # noqa: E402
+from gptforge.train import auto  # noqa: E402
+from gptforge.train.trainer import evaluate_run, train  # noqa: E402
+
+DOC = REPO / "docs" / "auto.md"
+RESULTS = REPO / "docs" / "results"
+PRESET_RUNGS = {  # the presets as rungs of the same recipe (their own context; batch as the ladder's)
+    "mini": auto.Rung("mini", 4, 4, 128, 128, 32),
+    "small": auto.Rung("small", 6, 6, 384, 256, 16),
+    "base": auto.Rung("base", 6, 10, 640, 256, 16),
+}
+
+
+def python_corpus(out: Path, size: int = 2_000_000) -> Path:
+    """~`size` bytes of this Python's standard library source (sorted files), as one text file."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    parts, total = [], 0
+    for path in sorted(stdlib.glob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        parts.append(text)
+        total += len(text.encode())
+        if total >= size:
+            break
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts), encoding="utf-8")
+    return out
+
+
+def common_overrides(corpus: str, tokenizer: str, budget: float) -> list[str]:
+    return [f"data.corpus={corpus}", f"data.tokenizer={tokenizer}", "data.val_fraction=0.1",
+            "train.max_steps=none", f"train.max_time={budget}", "train.eval_every=100000",
+            "train.eval_batches=10", "train.log_every=50", "train.checkpoint_every=100000", "train.keep_last=0",
+            "train.sample_every=0", "train.dtype=auto", "train.device=cpu"]
+
+
+def run_one(name: str, corpus: str, tokenizer: str, budget: float, out_root: Path, rung: auto.Rung | None) -> dict:
+    run = out_root / f"{Path(corpus).stem}-{tokenizer}-{int(budget)}s-{name}"
+    if run.exists():
+        shutil.rmtree(run)
+    overrides = common_overrides(corpus, tokenizer, budget)
+    if rung is None:
+        cfg = load_config(None, ["model.preset=auto", *overrides])
+    else:
+        cfg = auto.apply_rung(load_config(None, overrides), rung)
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    result = train(cfg, run)
+    wall = time.perf_counter() - start
+    exact = evaluate_run(run, split="val")
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    chosen = next((e["rung"] for e in events if e.get("event") == "auto"), None)
+    row = {"corpus": Path(corpus).stem, "tokenizer": tokenizer, "budget_s": budget, "config": name,
+           "rung": chosen or name, "steps": result.step, "tokens": result.tokens,
+           "val_loss": exact["loss"], "val_tokens": exact["tokens"], "wall_s": round(wall, 1),
+           "load_at_start": round(load, 2)}
+    if "bpb" in exact:
+        row["val_bpb"] = exact["bpb"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| corpus | tokenizer | budget | config | shape | updates | tokens | val loss (exact) | best? |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["corpus"], r["tokenizer"], r["budget_s"]), []).append(r)
+    for group in cells.values():
+        best = min(g["val_loss"] for g in group)
+        for r in group:
+            gap = "**best**" if r["val_loss"] == best else f"+{r['val_loss'] - best:.3f}"
+            lines.append(f"| {r['corpus']} | {r['tokenizer']} | {r['budget_s']:.0f} s | {r['config']} | {r['rung']} | "
+                         f"{r['steps']:,} | {r['tokens']:,} | {r['val_loss']:.4f} | {gap} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = sorted({(r["corpus"], r["tokenizer"]) for r in rows})
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.6), squeeze=False)
+    for ax, (corpus, tok) in zip(axes[0], pairs, strict=True):
+        mine = [r for r in rows if (r["corpus"], r["tokenizer"]) == (corpus, tok)]
+        for name in sorted({r["config"] for r in mine}):
+            pts = sorted((r["budget_s"], r["val_loss"]) for r in mine if r["config"] == name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name,
+                    linewidth=2.5 if name == "auto" else 1.2)
+        ax.set_xscale("log")
+        ax.set_title(f"{corpus}, {tok}")
+        ax.set_xlabel("time budget (s)")
+        ax.set_ylabel("val loss (nats/token, exact)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budgets", nargs="+", type=float, default=[30, 90])
+    ap.add_argument("--corpora", nargs="+", default=["tinyshakespeare", "python"])
+    ap.add_argument("--tokenizers", nargs="+", default=["char", "gpt2"])
+    ap.add_argument("--configs", nargs="+", default=["auto", "mini", "small", "base"])
+    ap.add_argument("--rungs", action="store_true", help="also train every ladder rung up to a5")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=str(REPO / "runs" / "auto-sweep"))
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_root = Path(args.out)
+    corpora = {"tinyshakespeare": "tinyshakespeare",
+               "python": str(python_corpus(out_root / "corpora" / "python-stdlib.txt"))}
+    rows = []
+    for corpus in args.corpora:
+        for tok in args.tokenizers:
+            for budget in args.budgets:
+                names = list(args.configs) + ([r.name for r in auto.RUNGS[:5]] if args.rungs else [])
+                for name in names:
+                    rung = (None if name == "auto" else PRESET_RUNGS.get(name)
+                            or next(r for r in auto.RUNGS if r.name == name))
+                    rows.append(run_one(name, corpora[corpus], tok, budget, out_root, rung))
+    print(table(rows))
+    if args.no_write:
+        return
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / "auto_sweep.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    plot(rows, RESULTS / "auto_sweep.png")
+    text = (f"Measured on {machine_summary()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+            f"load average at the start of each run in docs/results/auto_sweep.jsonl.\n\n" + table(rows))
+    update_section(DOC, "bench:auto", text)
+    if not math.isfinite(min(r["val_loss"] for r in rows)):
+        raise SystemExit("a run diverged")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""`model.preset = "auto"`: the model's shape, batch and learning rates chosen for a time budget.
+
+    choice = choose_for_budget(config, data, rt)   # measures a few updates per rung, on this machine
+    config = choice.config                          # every field explicit: the run reproduces without auto
+
+The user's question is "I have this text and N seconds: give me the best model". The answer here is
+one ladder of shapes (RUNGS, small to large; each with its context, batch and AdamW learning rate)
+and one rule, derived from sweeps over budgets, corpora and tokenizers (docs/auto.md):
+
+    climb the ladder while the next rung, at the speed measured for it on this machine, this
+    tokenizer and this precision, would still train on at least TOKENS_PER_PARAM tokens per
+    non-embedding parameter in the budget left; take the last rung that did.
+
+A bigger model learns more per token but sees fewer tokens in a fixed time; on a 2-core CPU the
+sweet spot found by the sweeps sits near one token per parameter (far below Chinchilla's 20,
+which is for compute-optimal runs of billions of tokens). Each rung is measured for a few updates
+(its first, a warm-up, untimed), so its speed includes the per-step overheads that dominate small
+models and the LM head that dominates a large vocabulary; the measurement's seconds count in the
+budget. The recipe around the shape is the one the CPU recipes were tuned with: Muon on the blocks'
+matrices, AdamW on the rest at an LR that scales as 1/width, a warmup-stable-decay schedule with a
+30% cool-down, and dropout 0.1 once the run would see its training text more than twice.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gptforge.config import Config
+from gptforge.data.tokens import BatchSampler
+from gptforge.errors import GptforgeError
+from gptforge.model import GPT, GPTConfig
+from gptforge.train.optim import configure_optimizer, set_lr
+from gptforge.train.runtime import Runtime
+
+# Training tokens per non-embedding parameter that the chosen rung must still reach in the budget.
+TOKENS_PER_PARAM = 0.5
+# The measurement may take at most this fraction of the budget (it stops climbing when it is spent).
+MEASURE_FRACTION = 0.05
+# Of the budget left after measuring, the share expected to go to updates (evaluations take the rest).
+TRAINING_SHARE = 0.93
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One shape of the ladder with its batch (sequences per micro-batch) and AdamW peak LR."""
+
+    name: str
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    batch_size: int
+
+    @property
+    def lr(self) -> float:
+        """The AdamW part's peak LR: 6e-3 at 128 wide (the tuned char recipes), scaled as 1/width."""
+        return min(6e-3, 6e-3 * 128 / self.n_embd)
+
+
+RUNGS: tuple[Rung, ...] = (
+    Rung("a1", 2, 2, 64, 64, 32),
+    Rung("a2", 4, 4, 128, 64, 32),      # nanoGPT's CPU shape: the 30-s and 90-s char recipes
+    Rung("a3", 4, 6, 192, 128, 32),
+    Rung("a4", 6, 8, 256, 128, 32),     # the 10-minute char recipe
+    Rung("a5", 6, 6, 384, 256, 16),     # the `small` preset
+    Rung("a6", 8, 8, 512, 256, 32),
+    Rung("a7", 12, 12, 768, 512, 32),
+    Rung("a8", 12, 12, 768, 1024, 32),  # GPT-2 124M
+)
+
+
+@dataclass
+class Measured:
+    rung: Rung
+    tokens_per_s: float
+    params: int          # non-embedding
+    tokens: float        # expected training tokens in the budget left
+    seconds: float       # measurement time
+
+    @property
+    def tokens_per_param(self) -> float:
+        return self.tokens / self.params
+
+
+@dataclass
+class AutoChoice:
+    """What auto chose and why: the resolved config, the rung, every rung measured, the seconds spent."""
+
+    config: Config
+    rung: Rung
+    measured: list[Measured]
+    seconds: float
+
+    def event(self) -> dict[str, Any]:
+        """The `auto` event of metrics.jsonl: the choice and each measurement behind it."""
+        return {"rung": self.rung.name, "n_layer": self.rung.n_layer, "n_embd": self.rung.n_embd,
+                "block_size": self.rung.block_size, "batch_size": self.rung.batch_size,
+                "seconds": round(self.seconds, 3),
+                "measured": ", ".join(f"{m.rung.name} {m.tokens_per_s:,.0f} tok/s {m.tokens_per_param:.2f} tok/param"
+                                      for m in self.measured)}
+
+
+def smallest_context() -> int:
+    return min(r.block_size for r in RUNGS)
+
+
+def choose_for_budget(config: Config, data: Any, rt: Runtime, clock=time.perf_counter) -> AutoChoice:
+    """Climb RUNGS (see the module docstring) for config.train.max_time seconds of training on `data`
+    (a prepared corpus: its tokenizer fixes the vocabulary, its size the epochs) and return the config
+    with the chosen shape, batch, learning rates and dropout written in. Under DDP rank 0 measures and
+    every rank takes its choice."""
+    t = config.train
+    if t.max_time is None or t.max_steps is not None or t.max_tokens is not None:
+        raise GptforgeError("model.preset = 'auto' chooses the model for a time budget: set train.max_time "
+                            "(or --time 10m) and leave train.max_steps and train.max_tokens unset")
+    # torch.optim.Muon imports torch._dynamo when first built (seconds): a start-up cost every run pays
+    # before its clock starts, not one to charge to the budget through the measurement.
+    import torch._dynamo  # noqa: F401
+
+    start = clock()
+    vocab = data.tokenizer.vocab_size
+    n_train = len(data.train)
+    n_val = len(data.val) if data.val is not None else None
+    fits = [r for r in RUNGS if r.block_size + 1 <= n_train and (n_val is None or r.block_size + 1 <= n_val)]
+    if not fits:
+        raise GptforgeError(f"the corpus is too short for model.preset = 'auto' (its smallest context is "
+                            f"{smallest_context()} tokens); give more text or choose a preset")
+    measured: list[Measured] = []
+    index = 0
+    if rt.is_main:
+        for i, rung in enumerate(fits):
+            spent = clock() - start
+            if measured and spent > MEASURE_FRACTION * t.max_time:
+                break
+            m = _measure(rung, config, vocab, data, rt, clock, t.max_time - spent, rt.world_size)
+            measured.append(m)
+            if m.tokens_per_param < TOKENS_PER_PARAM and i > 0:
+                break  # too big for the budget: the previous rung it is
+            index = i
+    if rt.distributed:  # rank 0's choice for every rank
+        index = int(rt.all_reduce_sum(torch.tensor([float(index)], dtype=torch.float64,
+                                                   device=rt.device)).item())
+    rung = fits[index]
+    chosen = next((m for m in measured if m.rung == rung), None)
+    epochs = chosen.tokens / n_train if chosen else 0.0
+    seconds = clock() - start
+    return AutoChoice(config=apply_rung(config, rung, dropout=0.1 if epochs > 2 else 0.0), rung=rung,
+                      measured=measured, seconds=seconds)
+
+
+def apply_rung(config: Config, rung: Rung, dropout: float = 0.0) -> Config:
+    """`config` with `rung`'s shape, batch and learning rates and the budget recipe written in."""
+    c = copy.deepcopy(config)
+    m, o, t = c.model, c.optim, c.train
+    m.preset = "mini"  # a real preset under explicit fields: the saved config needs no auto
+    m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout = (rung.n_layer, rung.n_head, rung.n_embd,
+                                                             rung.block_size, dropout)
+    t.batch_size, t.grad_accum_steps, t.tokens_per_update = rung.batch_size, None, None
+    o.name, o.muon_lr, o.muon_momentum = "muon", 0.02, 0.95
+    o.lr, o.min_lr = rung.lr, rung.lr / 10
+    o.schedule, o.cooldown_fraction, o.warmup_steps = "wsd", 0.3, 20
+    o.beta2, o.weight_decay, o.grad_clip = 0.99, 0.1, 1.0
+    c.validate()
+    return c
+
+
+def _measure(rung: Rung, config: Config, vocab: int, data: Any, rt: Runtime, clock, budget_left: float,
+             world: int) -> Measured:
+    """Seconds per update of `rung`: one warm-up update, then at least 3 timed ones and ~0.3 s."""
+    cfg = apply_rung(config, rung)
+    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=vocab, n_layer=rung.n_layer, n_head=rung.n_head, n_embd=rung.n_embd,
+                              block_size=rung.block_size, dropout=0.0)).to(rt.device)
+        optimizer = configure_optimizer(model, cfg.optim, rt.device)
+        set_lr(optimizer, cfg.optim.lr)
+        sampler = BatchSampler(data.train, rung.batch_size, rung.block_size, mode="random", seed=12345)
+        begin = clock()
+
+        def update() -> None:
+            x, y = sampler.next_batch()
+            with rt.autocast():
+                _, loss = model(x.to(rt.device), y.to(rt.device))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize(rt.device)
+
+        update()  # allocations, kernels chosen, caches warm: not timed
+        timed_from, updates = clock(), 0
+        while updates < 3 or clock() - timed_from < 0.3:
+            update()
+            updates += 1
+        per_update = (clock() - timed_from) / updates
+        seconds = clock() - begin
+    tokens_per_s = rung.batch_size * rung.block_size * world / per_update
+    left = max(0.0, budget_left - seconds)
+    return Measured(rung=rung, tokens_per_s=tokens_per_s, params=model.num_params(non_embedding=True),
+                    tokens=tokens_per_s * left * TRAINING_SHARE, seconds=seconds)

@@ -1,0 +1,151 @@
+"""model.preset = "auto": the ladder's rule (with measurements the test controls) and a real run
+that measures, chooses, saves an explicit config and resumes without auto."""
+
+from __future__ import annotations
+
+import pytest
+
+from gptforge.config import load_config, resume_config
+from gptforge.errors import GptforgeError
+from gptforge.train import auto
+from gptforge.train.trainer import train
+
+
+class _Data:
+    """What choose_for_budget reads of a prepared corpus."""
+
+    class _Tok:
+        vocab_size = 65
+
+    def __init__(self, n_train: int, n_val: int) -> None:
+        self.train, self.val, self.tokenizer = range(n_train), range(n_val), self._Tok()
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _fake_measure(monkeypatch, clock: _Clock, tokens_per_s: dict[str, float], seconds: float = 0.5):
+    """Each rung 'runs' at the given tokens/s and its measurement takes `seconds` of the clock."""
+    calls = []
+
+    def measure(rung, config, vocab, data, rt, clk, budget_left, world):
+        calls.append(rung.name)
+        clock.now += seconds
+        params = 12 * rung.n_layer * rung.n_embd ** 2
+        tps = tokens_per_s[rung.name]
+        return auto.Measured(rung=rung, tokens_per_s=tps, params=params,
+                             tokens=tps * (budget_left - seconds) * auto.TRAINING_SHARE, seconds=seconds)
+
+    monkeypatch.setattr(auto, "_measure", measure)
+    return calls
+
+
+def _rt():
+    from gptforge.train.runtime import setup_runtime
+
+    return setup_runtime("cpu", "float32")
+
+
+SPEEDS = {"a1": 60_000, "a2": 20_000, "a3": 12_000, "a4": 5_800, "a5": 2_500, "a6": 900, "a7": 200, "a8": 100}
+
+
+@pytest.mark.parametrize("budget, expected", [(30, "a2"), (600, "a4"), (3600, "a5")])
+def test_auto_climbs_while_the_budget_gives_enough_tokens_per_parameter(monkeypatch, budget, expected):
+    clock = _Clock()
+    calls = _fake_measure(monkeypatch, clock, SPEEDS, seconds=0.001 * budget)
+    cfg = load_config(None, ["model.preset=auto", "train.max_steps=none", f"train.max_time={budget}"])
+    choice = auto.choose_for_budget(cfg, _Data(1_000_000, 100_000), _rt(), clock=clock)
+    assert choice.rung.name == expected
+    # It measured up to the first rung that fell short, and no further.
+    names = [r.name for r in auto.RUNGS]
+    assert calls == names[:names.index(expected) + 2]
+    m = {x.rung.name: x for x in choice.measured}
+    assert m[expected].tokens_per_param >= auto.TOKENS_PER_PARAM
+    assert m[calls[-1]].tokens_per_param < auto.TOKENS_PER_PARAM
+    # The config holds the rung explicitly, with the budget recipe, and validates without auto.
+    c = choice.config
+    r = choice.rung
+    assert (c.model.preset, c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size) == (
+        "mini", r.n_layer, r.n_head, r.n_embd, r.block_size)
+    assert (c.train.batch_size, c.optim.name, c.optim.schedule, c.optim.lr) == (r.batch_size, "muon", "wsd", r.lr)
+    assert c.optim.min_lr == pytest.approx(r.lr / 10) and c.train.max_time == budget
+    assert choice.seconds == pytest.approx(len(calls) * 0.001 * budget)
+
+
+def test_auto_stops_measuring_when_its_share_of_the_budget_is_spent(monkeypatch):
+    """Measurements of 1 s each in a 30-s budget: after the first two (more than 5% of it) it stops
+    climbing, and takes the best rung measured so far."""
+    clock = _Clock()
+    calls = _fake_measure(monkeypatch, clock, {k: 10**9 for k in SPEEDS}, seconds=1.0)
+    cfg = load_config(None, ["model.preset=auto", "train.max_steps=none", "train.max_time=30"])
+    choice = auto.choose_for_budget(cfg, _Data(1_000_000, 100_000), _rt(), clock=clock)
+    assert calls == ["a1", "a2"] and choice.rung.name == "a2"
+
+
+def test_auto_leaves_out_contexts_the_corpus_cannot_fill(monkeypatch):
+    clock = _Clock()
+    calls = _fake_measure(monkeypatch, clock, {k: 10**9 for k in SPEEDS}, seconds=0.0)
+    cfg = load_config(None, ["model.preset=auto", "train.max_steps=none", "train.max_time=600"])
+    choice = auto.choose_for_budget(cfg, _Data(100_000, 200), _rt(), clock=clock)
+    assert choice.rung.block_size == 128 and all(auto.RUNGS[[r.name for r in auto.RUNGS].index(n)].block_size <= 128
+                                                 for n in calls)
+
+
+def test_auto_needs_a_time_budget():
+    with pytest.raises(GptforgeError, match="time budget"):
+        load_config(None, ["model.preset=auto", "train.max_steps=100"])
+    with pytest.raises(GptforgeError, match="unknown"):
+        load_config(None, ["model.preset=automatic"])
+
+
+class _Ticking:
+    """A clock that moves 50 ms each time it is read: the measurement and the budget run on it, so the
+    test takes the same course on a fast or a busy machine."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 0.05
+        return self.now
+
+
+def test_an_auto_run_measures_chooses_saves_and_resumes_without_auto(tiny_config, tmp_path, read_metrics):
+    run = tmp_path / "run"
+    cfg = tiny_config("model.preset=auto", "model.n_layer=none", "model.n_embd=none", "model.block_size=none",
+                      "train.max_steps=none", "train.max_time=4")
+    result = train(cfg, run, clock=_Ticking())
+    assert result.stopped_by == "max_time" and result.step >= 1
+    event = next(e for e in read_metrics(run, "event") if e["event"] == "auto")
+    rung = next(r for r in auto.RUNGS if r.name == event["rung"])
+    assert event["seconds"] > 0 and rung.name in event["measured"]
+    saved = resume_config(run)
+    assert saved.model.preset != "auto"
+    assert (saved.model.n_layer, saved.model.n_embd, saved.model.block_size, saved.train.batch_size) == (
+        rung.n_layer, rung.n_embd, rung.block_size, rung.batch_size)
+    assert "model.preset = 'auto' chose rung" in (run / "config.toml").read_text()
+    # The first evaluation's clock already counts the measurement.
+    assert read_metrics(run, "train")[0]["elapsed_s"] > event["seconds"]
+    result = train(resume_config(run, ["train.max_time=5"]), run, resume=True, clock=_Ticking())
+    assert result.stopped_by == "max_time"
+    assert not [e for e in read_metrics(run, "event") if e["event"] == "auto" and e["step"] > 0]
+
+
+def test_the_shortest_path_train_corpus_time(tiny_corpus, tmp_path):
+    """`gptforge train --corpus FILE --time 3s`: a budget and nothing else picks model.preset=auto; the
+    run's config names the file, the budget, an explicit shape and no step limit."""
+    from gptforge import cli
+
+    run = tmp_path / "run"
+    cli.main(["train", "--corpus", str(tiny_corpus), "--tokenizer", "char", "--time", "3s", "--out", str(run),
+              "train.device=cpu", "train.dtype=float32"])
+    saved = resume_config(run)
+    assert saved.data.corpus == str(tiny_corpus) and saved.data.tokenizer == "char"
+    assert saved.train.max_time == 3.0 and saved.train.max_steps is None
+    assert saved.model.preset == "mini" and saved.model.n_layer in {r.n_layer for r in auto.RUNGS}
+    assert "model.preset = 'auto' chose rung" in (run / "config.toml").read_text()
