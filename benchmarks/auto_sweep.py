@@ -79,6 +79,10 @@ def run_one(name: str, corpus: str, tokenizer: str, budget: float, out_root: Pat
         cfg = load_config(None, ["model.preset=auto", *overrides])
     else:
         cfg = auto.apply_rung(load_config(None, overrides), rung)
+        from gptforge.train.runtime import setup_runtime
+
+        if auto.runtime_for(rung, cfg, setup_runtime("cpu", "auto")).dtype == torch.float32:
+            cfg.train.dtype = "float32"  # the precision auto would give this shape: like with like
     load = os.getloadavg()[0]
     start = time.perf_counter()
     result = train(cfg, run)
@@ -146,13 +150,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(REPO / "runs" / "auto-sweep"))
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--from-jsonl", nargs="+", default=None, metavar="FILE",
+                    help="train nothing: write the table and plot from rows printed by earlier runs")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     out_root = Path(args.out)
-    corpora = {"tinyshakespeare": "tinyshakespeare",
-               "python": str(python_corpus(out_root / "corpora" / "python-stdlib.txt"))}
+    corpora = {"tinyshakespeare": "tinyshakespeare"}
+    if "python" in args.corpora and not args.from_jsonl:
+        corpora["python"] = str(python_corpus(out_root / "corpora" / "python-stdlib.txt"))
     rows = []
+    if args.from_jsonl:
+        rows = [json.loads(line) for f in args.from_jsonl for line in Path(f).read_text().splitlines() if line]
+        args.corpora = []
     for corpus in args.corpora:
         for tok in args.tokenizers:
             for budget in args.budgets:

@@ -5,6 +5,9 @@ side by side with nanoGPT's CPU recipe (its model and hyperparameters in gptforg
     python benchmarks/time_to_loss.py --configs configs/tinyshakespeare-char-30s.toml --no-write
     python benchmarks/time_to_loss.py --override train.max_time=10 --no-write   # a quick smoke run
     python benchmarks/time_to_loss.py --threads 1            # steady timing on a CPU shared with other jobs
+    python benchmarks/time_to_loss.py --nanogpt /tmp/nanogpt --configs auto:30 configs/tinyshakespeare-char-30s.toml
+                                        # nanoGPT's own train.py first (a checkout with data/shakespeare_char
+                                        # prepared), then model.preset=auto with a 30-s budget and a recipe
 
 Each recipe is trained as is (its own evaluation points, its own time budget) into runs/time-to-loss/.
 At every evaluation the trainer's clock is read: the seconds of training so far, which include the
@@ -45,10 +48,47 @@ RESULTS = REPO / "docs" / "results"
 TARGET_LOSS = 1.886  # nanoGPT's CPU shakespeare_char recipe: val 1.8857 after 94 s (../shared/NOTES.md)
 
 
+def auto_config(seconds: float, overrides: list[str]):
+    """`auto:SECONDS`: character-level Tiny Shakespeare with model.preset = auto and that budget."""
+    return load_config(None, ["data.corpus=tinyshakespeare", "data.tokenizer=char", "model.preset=auto",
+                              "train.max_steps=none", f"train.max_time={seconds}", "train.eval_every=100",
+                              "train.eval_batches=10", "train.log_every=25", "train.checkpoint_every=100000",
+                              "train.keep_last=0", *overrides])
+
+
+def run_nanogpt(checkout: Path) -> dict:
+    """nanoGPT's own train.py, its README's CPU char recipe, in a subprocess from `checkout` (with
+    data/shakespeare_char prepared): wall seconds and its last reported losses (its own estimate over
+    eval_iters=20 batches)."""
+    import re
+    import subprocess
+
+    cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+           "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4",
+           "--n_head=4", "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0",
+           "--out_dir=out-time-to-loss", "--always_save_checkpoint=False"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"nanoGPT's train.py failed: {proc.stderr[-2000:]}")
+    evals = re.findall(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)", proc.stdout)
+    step, train_loss, val_loss = evals[-1]
+    return {"config": "nanoGPT train.py (its own code)", "path": "nanoGPT train.py, README CPU recipe",
+            "wall_s": round(wall, 1), "step": int(step), "val_loss": float(val_loss), "train_loss": float(train_loss),
+            "load_at_start": round(load, 2)}
+
+
 def run_recipe(config_path: str, out_root: Path, overrides: list[str]) -> dict:
     """Train one recipe, timing each evaluation; returns its summary and its curve."""
-    cfg = load_config(REPO / config_path, overrides)
-    name = Path(config_path).stem
+    if config_path.startswith("auto:"):
+        cfg = auto_config(float(config_path.split(":", 1)[1]), overrides)
+        name = f"auto-{config_path.split(':', 1)[1]}s"
+    else:
+        cfg = load_config(REPO / config_path, overrides)
+        name = Path(config_path).stem
     run_dir = out_root / name
     if run_dir.exists():
         shutil.rmtree(run_dir)  # the benchmark's own scratch runs: always start fresh
@@ -85,7 +125,7 @@ def plot(results: list[dict], path: Path) -> None:
     plot_runs([r["run_dir"] for r in results], path, x="seconds")
 
 
-def table(results: list[dict], machine: str, command: str) -> str:
+def table(results: list[dict], machine: str, command: str, nano: dict | None = None) -> str:
     lines = [
         "## Time to quality (character level, CPU)",
         "",
@@ -98,6 +138,10 @@ def table(results: list[dict], machine: str, command: str) -> str:
         "",
         f"Machine: {machine}",
         "",
+        *([f"nanoGPT's own `train.py` (its README's CPU char recipe, 2,000 iterations), in the same run: "
+           f"**{nano['wall_s']} s** of wall time (load average {nano['load_at_start']} at its start), val loss "
+           f"{nano['val_loss']:.4f} (its own estimate over 20 batches) at step {nano['step']}; a third of its "
+           f"time is {nano['wall_s'] / 3:.1f} s.", ""] if nano else []),
         f"| recipe | params | load avg at start | seconds to {TARGET_LOSS} | seconds | steps | tokens | tokens/s "
         "| val loss (estimate) | val loss (exact, whole split) | stopped by |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -126,6 +170,8 @@ def main() -> None:
                         help="torch threads (default: torch's own). 1 keeps the timing steady on a shared CPU: "
                              "2 threads slow down many-fold whenever another process wants a core")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ untouched")
+    parser.add_argument("--nanogpt", default=None, metavar="DIR",
+                        help="also run nanoGPT's own train.py from this checkout first (its data prepared)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,6 +179,11 @@ def main() -> None:
     os.environ.setdefault("GPTFORGE_DATA_DIR", str(REPO.parent / "shared" / "data"))
     machine = machine_summary(torch.device("cpu"))
     print(machine, flush=True)
+    nano = None
+    if args.nanogpt:
+        print("nanoGPT train.py:", flush=True)
+        nano = run_nanogpt(Path(args.nanogpt))
+        print(f"  -> {nano['wall_s']} s of wall time, val loss {nano['val_loss']:.4f} (its estimate)", flush=True)
     results = []
     for path in args.configs:
         print(f"{path}:", flush=True)
@@ -144,13 +195,16 @@ def main() -> None:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / "time_to_loss.jsonl", "w", encoding="utf-8") as f:
+        if nano:
+            f.write(json.dumps(nano | {"kind": "nanogpt"}) + "\n")
         for r in results:
             f.write(json.dumps({k: v for k, v in r.items() if k != "curve"} | {"kind": "summary"}) + "\n")
             for p in r["curve"]:
                 f.write(json.dumps(p | {"kind": "eval"}) + "\n")
     plot(results, RESULTS / "time_to_loss.png")
-    command = "python benchmarks/time_to_loss.py" + (f" --threads {args.threads}" if args.threads else "")
-    update_section(REPO / "docs" / "benchmarks.md", "bench:time_to_loss", table(results, machine, command))
+    command = ("python benchmarks/time_to_loss.py" + (f" --threads {args.threads}" if args.threads else "")
+               + (" --nanogpt NANOGPT_CHECKOUT" if nano else "") + " --configs " + " ".join(args.configs))
+    update_section(REPO / "docs" / "benchmarks.md", "bench:time_to_loss", table(results, machine, command, nano))
     print(f"wrote {RESULTS / 'time_to_loss.png'}, {RESULTS / 'time_to_loss.jsonl'} and docs/benchmarks.md")
 
 

@@ -33,7 +33,7 @@ def _fake_measure(monkeypatch, clock: _Clock, tokens_per_s: dict[str, float], se
     """Each rung 'runs' at the given tokens/s and its measurement takes `seconds` of the clock."""
     calls = []
 
-    def measure(rung, config, vocab, data, rt, clk, budget_left, world):
+    def measure(rung, config, vocab, data, rt, clk, budget_left, world, allowance):
         calls.append(rung.name)
         clock.now += seconds
         params = 12 * rung.n_layer * rung.n_embd ** 2
@@ -149,3 +149,18 @@ def test_the_shortest_path_train_corpus_time(tiny_corpus, tmp_path):
     assert saved.train.max_time == 3.0 and saved.train.max_steps is None
     assert saved.model.preset == "mini" and saved.model.n_layer in {r.n_layer for r in auto.RUNGS}
     assert "model.preset = 'auto' chose rung" in (run / "config.toml").read_text()
+
+
+def test_narrow_rungs_train_in_float32_where_auto_would_pick_bf16_on_a_cpu():
+    import dataclasses
+
+    import torch
+
+    bf16_cpu = dataclasses.replace(_rt(), dtype=torch.bfloat16)
+    cfg = load_config(None, ["model.preset=auto", "train.max_steps=none", "train.max_time=60", "train.dtype=auto"])
+    narrow, wide = auto.RUNGS[1], auto.RUNGS[3]
+    assert auto.runtime_for(narrow, cfg, bf16_cpu).dtype == torch.float32
+    assert auto.runtime_for(wide, cfg, bf16_cpu).dtype == torch.bfloat16
+    asked = load_config(None, ["model.preset=auto", "train.max_steps=none", "train.max_time=60",
+                               "train.dtype=bfloat16"])
+    assert auto.runtime_for(narrow, asked, bf16_cpu).dtype == torch.bfloat16  # the user's choice stands

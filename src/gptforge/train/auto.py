@@ -18,12 +18,15 @@ which is for compute-optimal runs of billions of tokens). Each rung is measured 
 models and the LM head that dominates a large vocabulary; the measurement's seconds count in the
 budget. The recipe around the shape is the one the CPU recipes were tuned with: Muon on the blocks'
 matrices, AdamW on the rest at an LR that scales as 1/width, a warmup-stable-decay schedule with a
-30% cool-down, and dropout 0.1 once the run would see its training text more than twice.
+30% cool-down, dropout 0.1 once the run would see its training text more than twice, and float32
+for rungs up to 128 wide on a CPU where train.dtype = "auto" would pick bf16 (per-op overhead
+dominates there; bf16 gains nothing).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +46,10 @@ TOKENS_PER_PARAM = 0.5
 MEASURE_FRACTION = 0.05
 # Of the budget left after measuring, the share expected to go to updates (evaluations take the rest).
 TRAINING_SHARE = 0.93
+# On a CPU with bf16 matmuls, train.dtype = "auto" would pick bf16; at this width and below per-op
+# overhead dominates and float32 is as fast or faster (the char recipes' finding), so auto trains those
+# rungs in float32.
+CPU_FLOAT32_WIDTH = 128
 
 
 @dataclass(frozen=True)
@@ -137,7 +144,9 @@ def choose_for_budget(config: Config, data: Any, rt: Runtime, clock=time.perf_co
             spent = clock() - start
             if measured and spent > MEASURE_FRACTION * t.max_time:
                 break
-            m = _measure(rung, config, vocab, data, rt, clock, t.max_time - spent, rt.world_size)
+            allowance = MEASURE_FRACTION * t.max_time - spent
+            m = _measure(rung, config, vocab, data, runtime_for(rung, config, rt), clock, t.max_time - spent,
+                         rt.world_size, allowance)
             measured.append(m)
             if m.tokens_per_param < TOKENS_PER_PARAM and i > 0:
                 break  # too big for the budget: the previous rung it is
@@ -149,8 +158,18 @@ def choose_for_budget(config: Config, data: Any, rt: Runtime, clock=time.perf_co
     chosen = next((m for m in measured if m.rung == rung), None)
     epochs = chosen.tokens / n_train if chosen else 0.0
     seconds = clock() - start
-    return AutoChoice(config=apply_rung(config, rung, dropout=0.1 if epochs > 2 else 0.0), rung=rung,
-                      measured=measured, seconds=seconds)
+    chosen_config = apply_rung(config, rung, dropout=0.1 if epochs > 2 else 0.0)
+    if runtime_for(rung, config, rt).dtype != rt.dtype:
+        chosen_config.train.dtype = "float32"
+    return AutoChoice(config=chosen_config, rung=rung, measured=measured, seconds=seconds)
+
+
+def runtime_for(rung: Rung, config: Config, rt: Runtime) -> Runtime:
+    """The runtime a rung trains in: float32 for narrow rungs on a CPU where dtype "auto" chose bf16."""
+    if (rt.device.type == "cpu" and config.train.dtype == "auto" and rt.dtype == torch.bfloat16
+            and rung.n_embd <= CPU_FLOAT32_WIDTH):
+        return dataclasses.replace(rt, dtype=torch.float32)
+    return rt
 
 
 def apply_rung(config: Config, rung: Rung, dropout: float = 0.0) -> Config:
@@ -170,8 +189,9 @@ def apply_rung(config: Config, rung: Rung, dropout: float = 0.0) -> Config:
 
 
 def _measure(rung: Rung, config: Config, vocab: int, data: Any, rt: Runtime, clock, budget_left: float,
-             world: int) -> Measured:
-    """Seconds per update of `rung`: one warm-up update, then at least 3 timed ones and ~0.3 s."""
+             world: int, allowance: float = float("inf")) -> Measured:
+    """Seconds per update of `rung`: one warm-up update, then at least 3 timed ones and ~0.3 s, or
+    fewer (but one at least) once the measurement has taken `allowance` seconds."""
     cfg = apply_rung(config, rung)
     with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
         torch.manual_seed(0)
@@ -194,9 +214,12 @@ def _measure(rung: Rung, config: Config, vocab: int, data: Any, rt: Runtime, clo
 
         update()  # allocations, kernels chosen, caches warm: not timed
         timed_from, updates = clock(), 0
-        while updates < 3 or clock() - timed_from < 0.3:
+        while True:
             update()
             updates += 1
+            now = clock()
+            if (updates >= 3 and now - timed_from >= 0.3) or now - begin >= allowance:
+                break
         per_update = (clock() - timed_from) / updates
         seconds = clock() - begin
     tokens_per_s = rung.batch_size * rung.block_size * world / per_update

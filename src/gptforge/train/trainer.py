@@ -66,6 +66,7 @@ from gptforge.train.plan import RunPlan, plan_run
 from gptforge.train.runtime import (
     Runtime,
     grad_scaler,
+    resolve_dtype,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -138,6 +139,8 @@ class Trainer:
         self.auto = None  # model.preset = "auto": what it chose (gptforge.train.auto)
         if config.model.preset == AUTO and not resume:
             config = self._choose_for_budget(config)
+            if config.train.dtype != "auto":  # a narrow rung on a bf16 CPU trains in float32
+                self.rt = dataclasses.replace(self.rt, dtype=resolve_dtype(config.train.dtype, self.rt.device))
         # Everything derived from the config (the init weights' shapes, the update size, the schedule's
         # length, absolute corpus paths) is resolved here, once, before any data is prepared.
         self.plan: RunPlan = plan_run(config, world_size=self.rt.world_size, resume=resume)
