@@ -156,13 +156,22 @@ def _run_train(args: argparse.Namespace) -> None:
 
 def summary_line(result) -> str:
     """The run's last line: eval-mode losses side by side (like with like), the last update's loss
-    named as what it is."""
+    named as what it is, then the last evaluation's bits per byte (from metrics.jsonl, when logged)."""
+    from pathlib import Path
+
+    from gptforge.io import iter_jsonl
+
     def fmt(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.4f}"
 
     line = (f"stopped by {result.stopped_by} at step {result.step:,} ({result.tokens:,} tokens): "
             f"train {fmt(result.eval_train_loss)}, val {fmt(result.val_loss)} at the last evaluation "
             f"(eval mode, float32); last update's loss {fmt(result.train_loss)} (dropout on)")
+    metrics = Path(result.run_dir) / "metrics.jsonl"
+    evals = [r for _, r in iter_jsonl(metrics) if r.get("kind") == "eval"] if metrics.is_file() else []
+    last = evals[-1] if evals and evals[-1].get("step") == result.step else {}
+    if last.get("train_bpb") is not None or last.get("val_bpb") is not None:
+        line += f"; bits per byte: train {fmt(last.get('train_bpb'))}, val {fmt(last.get('val_bpb'))}"
     return f"{line}; run in {result.run_dir}"
 
 
@@ -170,10 +179,12 @@ def summary_line(result) -> str:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="exact mean cross-entropy of a run over a whole split",
+    p = sub.add_parser("eval", help="exact mean cross-entropy and bits per byte of a run over a whole split",
                        description="Mean cross-entropy (nats/token) of a checkpoint over every token of a split: "
                                    "windows of block_size with stride block_size, each token but the first "
-                                   "predicted once. Example: gptforge eval runs/char --split val --checkpoint best")
+                                   "predicted once; beside it bits per byte, the same nats over the UTF-8 bytes "
+                                   "of the predicted tokens (comparable across tokenizers). "
+                                   "Example: gptforge eval runs/char --split val --checkpoint best")
     p.add_argument("run", metavar="RUN", help="run directory (or a checkpoint directory inside one)")
     p.add_argument("--split", choices=("train", "val"), default="val", help="which split (default: val)")
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
@@ -192,8 +203,10 @@ def _run_eval(args: argparse.Namespace) -> None:
 
     r = evaluate_run(args.run, split=args.split, which=args.checkpoint, device=args.device, dtype=args.dtype,
                      batch_size=args.batch_size)
+    bpb = "n/a (no bytes)" if r["bpb"] is None else f"{r['bpb']:.4f}"
     print(f"{r['split']} loss {r['loss']:.4f} nats/token (perplexity {math.exp(min(r['loss'], 700)):.2f}) "
-          f"over {r['tokens']:,} tokens; checkpoint {r['checkpoint']} (step {r['step']})")
+          f"over {r['tokens']:,} tokens; {bpb} bits/byte over their {r['bytes']:,} UTF-8 bytes; "
+          f"checkpoint {r['checkpoint']} (step {r['step']})")
 
 
 # --------------------------------------------------------------------------------------------- plot

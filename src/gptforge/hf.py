@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gptforge.data.tokenizers import bytes_to_unicode
 from gptforge.errors import GptforgeError
 
 if TYPE_CHECKING:
@@ -305,19 +306,6 @@ def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------- gpt2 files
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (the alphabet of its vocab.json)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = list(bs)
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 def gpt2_vocab_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
