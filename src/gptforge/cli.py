@@ -216,15 +216,20 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="draw a run's loss curves, or overlay several runs' validation curves",
                        description="One run: train and validation loss against steps and tokens, with the "
                                    "learning rate beneath, from RUN/metrics.jsonl (default RUN/loss.png). Several "
-                                   "runs (or --x): their validation curves on one plot.",
+                                   "runs (or --x): their validation curves on one plot. --metric bpb draws bits "
+                                   "per byte instead, which compares runs with different tokenizers.",
                        epilog="examples:\n  gptforge plot runs/demo\n"
-                              "  gptforge plot runs/a runs/b --x seconds --out compare.png",
+                              "  gptforge plot runs/a runs/b --x seconds --out compare.png\n"
+                              "  gptforge plot runs/char runs/gpt2 runs/bpe --metric bpb --out tokenizers.png",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (the --out of gptforge train)")
     p.add_argument("--x", choices=("steps", "tokens", "seconds"), default=None,
                    help="overlay the runs' validation loss against this (default with several runs: seconds)")
     p.add_argument("--out", default=None, help="PNG to write (default: RUN/loss.png; compare.png for an overlay)")
     p.add_argument("--log-y", action="store_true", help="logarithmic loss axis")
+    p.add_argument("--metric", choices=("loss", "bpb"), default="loss",
+                   help="loss: nats/token; bpb: bits per byte of text, comparable across tokenizers (runs "
+                        "logged before bits per byte existed have none: evaluate them with gptforge eval)")
     p.set_defaults(func=_run_plot)
 
 
@@ -232,9 +237,10 @@ def _run_plot(args: argparse.Namespace) -> None:
     from gptforge.plot import plot_run, plot_runs
 
     if len(args.runs) == 1 and args.x is None:
-        print(plot_run(args.runs[0], args.out, log_y=args.log_y))
+        print(plot_run(args.runs[0], args.out, log_y=args.log_y, metric=args.metric))
     else:
-        print(plot_runs(args.runs, args.out or "compare.png", x=args.x or "seconds", log_y=args.log_y))
+        print(plot_runs(args.runs, args.out or "compare.png", x=args.x or "seconds", log_y=args.log_y,
+                        metric=args.metric))
 
 
 # --------------------------------------------------------------------------------------------- generate
