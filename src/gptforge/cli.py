@@ -430,6 +430,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--startup-trials", type=int, default=2, metavar="K",
                    help="trials that finish before the median pruner starts pruning (default 2)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="sampler seed (default 0)")
+    p.add_argument("--objective", choices=("val_loss", "val_bpb"), default=None,
+                   help="what to minimise: val_loss (nats/token) or val_bpb (bits per byte, which compares "
+                        "trials with different tokenizers) (default val_loss; a continued sweep keeps its own)")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_run_sweep)
 
@@ -450,7 +453,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
     sweep.sweep(args.config, args.space, args.trials, out, overrides=args.overrides,
                 budget=args.budget_per_trial, resume=args.resume, workers=args.workers,
                 storage=args.storage, study_name=args.study, pruner=args.pruner,
-                startup_trials=args.startup_trials, seed=args.seed)
+                startup_trials=args.startup_trials, seed=args.seed, objective=args.objective)
 
 
 # --------------------------------------------------------------------------------------------- main
