@@ -11,11 +11,17 @@ gptforge.bpb). For each budget the recipe of that length (configs/tinyshakespear
 configs/tinyshakespeare-char.toml otherwise: 4 layers, 128 wide, context 64 tokens, Muon, a wsd schedule
 sized to the budget) is trained three times, changing only data.tokenizer (bpe: 4,096 ids trained on the
 corpus, the default). Context is 64 *tokens*, so the BPE models see more text per window: that is part of
-what a tokenizer buys. Each final model is scored exactly over its whole validation split with
-`gptforge eval`'s path; the splits are the last 10% of each tokenization, nearly the same text.
+what a tokenizer buys. The periodic estimate runs on EVAL_BATCHES batches (the recipes' 10-20 cost a
+GPT-2-vocabulary model most of its budget: its 50,257-wide head makes an evaluated token ~10x dearer),
+since the budget includes evaluations, every EVAL_EVERY updates; what is reported is the exact evaluation afterwards, off the
+clock: each final model over its whole validation split with `gptforge eval`'s path (the splits are
+the last 10% of each tokenization, nearly the same text). `--override train.eval_batches=N` changes it.
+The sample text written at each evaluation is turned off (train.sample_every=0).
 
 Writes docs/results/tokenizers_bpb.jsonl, docs/results/tokenizers-bpb-<budget>s.png (`gptforge plot
-RUN... --metric bpb`) and the table between the `<!-- bench:tokenizers_bpb -->` markers of docs/results.md.
+RUN... --metric bpb`) and the table between the `<!-- bench:tokenizers_bpb -->` markers of docs/results.md
+(other budgets than the default 30 and 90: their own file and markers, e.g. tokenizers_bpb-600s).
+"Text bytes/s" is training tokens/s times the validation split's bytes per token (an approximation).
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from gptforge.train.trainer import Trainer, evaluate_run  # noqa: E402
 
 TOKENIZERS = ("char", "gpt2", "bpe")
 RESULTS = REPO / "docs" / "results"
+EVAL_BATCHES = 2
+EVAL_EVERY = 20  # updates: a curve, not just the sizing and the final evaluations
 
 
 def recipe_for(budget: int) -> str:
@@ -46,7 +54,9 @@ def recipe_for(budget: int) -> str:
 
 def run_one(budget: int, tokenizer: str, out_root: Path, overrides: list[str]) -> dict:
     path = recipe_for(budget)
-    cfg = load_config(REPO / path, [f"data.tokenizer={tokenizer}", f"train.max_time={budget}", *overrides])
+    cfg = load_config(REPO / path, [f"data.tokenizer={tokenizer}", f"train.max_time={budget}",
+                                    f"train.eval_batches={EVAL_BATCHES}", f"train.eval_every={EVAL_EVERY}", "train.sample_every=0",
+                                    *overrides])
     run_dir = out_root / f"{budget}s" / tokenizer
     if run_dir.exists():
         shutil.rmtree(run_dir)  # the benchmark's own scratch runs: always start fresh
@@ -78,13 +88,14 @@ def table(results: list[dict], machine: str, command: str) -> str:
         "## Which tokenizer for a budget (bits per byte, CPU)",
         "",
         f"`{command}`: the same model (4 layers, 4 heads, 128 wide, context 64 tokens, Muon, wsd sized to "
-        "the budget) trained for the same seconds on Tiny Shakespeare with each tokenizer. Validation numbers "
+        f"the budget, periodic estimates on {EVAL_BATCHES} batches every {EVAL_EVERY} updates) trained for the same seconds on Tiny "
+        "Shakespeare with each tokenizer. Validation numbers "
         "are exact, over the whole validation split of each tokenization (the last 10% of its tokens). "
         "Lower bits per byte is better; nats per token are shown but do not compare across rows.",
         "",
         f"Machine: {machine}",
         "",
-        "| budget | tokenizer | vocab | params | load avg at start | steps | tokens/s | bytes/s | "
+        "| budget | tokenizer | vocab | params | load avg at start | steps | tokens/s | text bytes/s (approx.) | "
         "val loss (nats/token) | val bits per byte | val tokens | val bytes |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -127,7 +138,9 @@ def main() -> None:
     from gptforge.plot import plot_runs
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "tokenizers_bpb.jsonl", "w", encoding="utf-8") as f:
+    # The default budgets own the docs' section and files; others get their own beside them.
+    suffix = "" if args.budgets == [30, 90] else "-" + "-".join(map(str, args.budgets)) + "s"
+    with open(RESULTS / f"tokenizers_bpb{suffix}.jsonl", "w", encoding="utf-8") as f:
         for r in results:
             f.write(json.dumps({k: v for k, v in r.items() if k != "curve"} | {"kind": "summary"}) + "\n")
             for p in r["curve"]:
@@ -137,9 +150,9 @@ def main() -> None:
                   RESULTS / f"tokenizers-bpb-{budget}s.png", x="seconds", metric="bpb")
     command = ("python benchmarks/tokenizers_bpb.py --budgets " + " ".join(map(str, args.budgets))
                + (f" --threads {args.threads}" if args.threads else ""))
-    update_section(REPO / "docs" / "results.md", "bench:tokenizers_bpb", table(results, machine, command),
+    update_section(REPO / "docs" / "results.md", f"bench:tokenizers_bpb{suffix}", table(results, machine, command),
                    title="# Results")
-    print(f"wrote {RESULTS / 'tokenizers_bpb.jsonl'}, the plots and docs/results.md")
+    print(f"wrote {RESULTS / f'tokenizers_bpb{suffix}.jsonl'}, the plots and docs/results.md")
 
 
 if __name__ == "__main__":
