@@ -403,7 +403,8 @@ def _run_export_space(args: argparse.Namespace) -> None:
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sweep", help="hyperparameter search with Optuna",
-        description="Search config overrides for the lowest validation loss: each trial is a training run "
+        description="Search config overrides for the lowest validation loss (or bits per byte, --objective "
+                    "val_bpb): each trial is a training run "
                     "in OUT/trials/NNNN; results go to OUT/trials.csv, OUT/best.toml and OUT/*.png. "
                     "See docs/tuning.md.",
         epilog="example: gptforge sweep --config configs/tinyshakespeare-char.toml --trials 12 "
