@@ -85,7 +85,8 @@ def run_one(budget: int, tokenizer: str, out_root: Path, overrides: list[str]) -
 
 def table(results: list[dict], machine: str, command: str) -> str:
     lines = [
-        "## Which tokenizer for a budget (bits per byte, CPU)",
+        f"## Which tokenizer for {' and '.join(f'{b} s' for b in sorted({r['budget'] for r in results}))} "
+        "(bits per byte, CPU)",
         "",
         f"`{command}`: the same model (4 layers, 4 heads, 128 wide, context 64 tokens, Muon, wsd sized to "
         f"the budget, periodic estimates on {EVAL_BATCHES} batches every {EVAL_EVERY} updates) trained for the same seconds on Tiny "
