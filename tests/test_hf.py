@@ -164,9 +164,33 @@ def test_model_card(runs, exported, corpus):
     last = [r for r in evals if r["kind"] == "eval" and r["step"] == 40][-1]
     assert f"| validation loss | {last['val_loss']:.4f} |" in card
     assert f"| train loss | {last['train_loss']:.4f} |" in card
+    # bits per byte beside them: over the UTF-8 bytes (the corpus has multi-byte characters), not characters
+    assert f"| validation bits per byte | {last['val_bpb']:.4f} |" in card
+    assert f"| train bits per byte | {last['train_bpb']:.4f} |" in card and "every token of the training" not in card
     assert "| steps | 40 " in card and "corpus.txt" in card and "![training and validation loss](loss.png)" in card
     assert str(corpus.parent) not in card and str(runs["char"].parent) not in card  # no local paths published
     assert (exported["char"] / "loss.png").read_bytes() == (runs["char"] / "loss.png").read_bytes()
+
+
+def test_a_memorisation_runs_card_puts_the_validation_numbers_beside_its_training_loss(tmp_path):
+    """A run stopped on the whole training split (stop_metric = train_full) says so, and shows what text
+    it never saw costs: the validation loss and bits per byte of the same evaluation."""
+    from gptforge.data.tokenizers import build_tokenizer
+    from gptforge.hf import model_card
+    from gptforge.model import GPT, GPTConfig
+
+    run = tmp_path / "memorise"
+    run.mkdir()
+    record = {"kind": "eval", "step": 7, "tokens": 700, "val_loss": 3.25, "val_bpb": 4.6888, "train_loss": 0.0123,
+              "train_bpb": 0.0177, "train_loss_tokens": 999, "train_loss_bytes": 999}
+    (run / "metrics.jsonl").write_text(json.dumps(record) + "\n", encoding="utf-8")
+    tok = build_tokenizer("char", "abc")
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=3))
+    card = model_card(model, tok, {"step": 7, "tokens": 700}, run, run / "checkpoints" / "latest", "m", False)
+    for row in ("| train loss | 0.0123 |", "| validation loss | 3.2500 |", "| train bits per byte | 0.0177 |",
+                "| validation bits per byte | 4.6888 |"):
+        assert row in card
+    assert "every token of the training split (the run trained to a loss on it: it memorises)" in card
 
 
 def test_export_works_offline_with_the_runs_own_gpt2_ranks(runs, tmp_path, monkeypatch):

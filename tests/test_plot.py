@@ -135,3 +135,42 @@ def test_plot_cli_overlays_several_runs(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main(["plot", str(a), str(tmp_path / "nope")])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("gptforge: error: ")
+
+
+def _tokenizer_run(run_dir, bpb: list[float] | None, nats_per_byte: float):
+    """A run whose evaluations log val_bpb (None: an older run that did not), as runs with different
+    tokenizers do: their losses per token differ by the bytes per token, their bits per byte do not."""
+    with MetricsLogger(run_dir, total_steps=30) as log:
+        for i, step in enumerate((10, 20, 30)):
+            log.log_train(step, tokens=step * 512, loss=3.0, lr=1e-3, elapsed_s=step * 1.0)
+            extra = {"val_bpb": bpb[i]} if bpb is not None else {}
+            log.log_eval(step, tokens=step * 512, val_loss=nats_per_byte * 2.0 / (i + 1), train_loss=2.0,
+                         elapsed_s=step * 1.0, **({"train_bpb": bpb[i] * 0.9} if bpb else {}), **extra)
+    return run_dir
+
+
+def test_bpb_overlays_runs_with_different_tokenizers_and_refuses_runs_without(tmp_path, capsys):
+    from gptforge.plot import overlay_figure
+
+    char = _tokenizer_run(tmp_path / "char", [2.5, 2.2, 2.0], 1.0)
+    gpt2 = _tokenizer_run(tmp_path / "gpt2", [2.8, 2.1, 1.9], 3.5)
+    fig = overlay_figure([char, gpt2], "seconds", metric="bpb")
+    lines = fig.axes[0].get_lines()
+    assert [list(line.get_ydata()) for line in lines] == [[2.5, 2.2, 2.0], [2.8, 2.1, 1.9]]
+    assert fig.axes[0].get_ylabel() == "validation bits per byte"
+    assert "nats" in overlay_figure([char, gpt2], "seconds").axes[0].get_ylabel()  # the default is unchanged
+
+    png = plot_run(char, metric="bpb")
+    assert png == char / "bpb.png" and png.read_bytes().startswith(PNG_MAGIC)
+    assert not (char / "loss.png").exists()
+
+    old = _tokenizer_run(tmp_path / "old", None, 1.0)
+    capsys.readouterr()
+    for argv in (["plot", str(char), str(old), "--metric", "bpb"], ["plot", str(old), "--metric", "bpb"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1
+        assert f"{old} has no bits per byte" in err and f"gptforge eval {old}" in err
+    main(["plot", str(char), str(gpt2), "--metric", "bpb", "--out", str(tmp_path / "bpb.png")])
+    assert (tmp_path / "bpb.png").read_bytes().startswith(PNG_MAGIC)

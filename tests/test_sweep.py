@@ -187,3 +187,32 @@ def test_sweep_cli_errors(tmp_path, capsys):
               "--out", str(tmp_path / "bad")])
     assert e.value.code == 2
     assert "low end" in capsys.readouterr().err
+
+
+def test_a_sweep_over_tokenizers_minimises_bits_per_byte(tmp_path, shakespeare_text, capsys):
+    """Losses per token of a char and a BPE model do not compare; --objective val_bpb ranks them by
+    bits per byte, the trainer's val_bpb, and a continued sweep keeps its objective."""
+    import json
+
+    from gptforge.cli import main
+    from gptforge.sweep import sweep
+
+    base = _base(tmp_path, shakespeare_text)
+    out = tmp_path / "sweeps" / "tok"
+    result = sweep(base, ["data.tokenizer=char,bpe"], 2, out, overrides=["data.bpe_vocab_size=300"],
+                   pruner="none", objective="val_bpb",
+                   enqueue=[{"data.tokenizer": "char"}, {"data.tokenizer": "bpe"}])
+    assert [r.state for r in result.rows] == ["complete", "complete"]
+    for row in result.rows:
+        lines = (out / "trials" / f"{row.number:04d}" / "metrics.jsonl").read_text().splitlines()
+        evals = [r for r in map(json.loads, lines) if r["kind"] == "eval"]
+        assert row.val_loss == pytest.approx(min(e["val_bpb"] for e in evals), abs=1e-9)
+        assert row.val_loss != pytest.approx(min(e["val_loss"] for e in evals), abs=1e-3)
+    assert result.best_value == min(r.val_loss for r in result.rows)
+    with open(out / "trials.csv", newline="") as f:
+        assert "val_bpb" in next(csv.reader(f))
+    assert "val bpb" in capsys.readouterr().out
+    assert "(val bpb " in (out / "best.toml").read_text().splitlines()[0]
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "--out", str(out), "--objective", "val_loss", "--trials", "3"])
+    assert e.value.code == 2 and "minimises val_bpb, not val_loss" in capsys.readouterr().err

@@ -68,6 +68,9 @@ def test_model_card_shows_the_runs_numbers(gen, tiny_run):
     card = model_card_markdown(gen)
     for text in (f"{info['step']:,}", f"{last_eval['val_loss']:.4f}", f"{last_eval['train_loss']:.4f}", "char"):
         assert text in card
+    assert facts["val_bpb"] == last_eval["val_bpb"] and facts["train_bpb"] == last_eval["train_bpb"]
+    assert f"| val bits per byte | {last_eval['val_bpb']:.4f} |" in card
+    assert f"| train bits per byte | {last_eval['train_bpb']:.4f} |" in card
 
 
 def test_page_streams_clamped_generation(gen):

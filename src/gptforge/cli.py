@@ -183,13 +183,22 @@ def _run_train(args: argparse.Namespace) -> None:
 
 def summary_line(result) -> str:
     """The run's last line: eval-mode losses side by side (like with like), the last update's loss
-    named as what it is."""
+    named as what it is, then the last evaluation's bits per byte (from metrics.jsonl, when logged)."""
+    from pathlib import Path
+
+    from gptforge.io import iter_jsonl
+
     def fmt(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.4f}"
 
     line = (f"stopped by {result.stopped_by} at step {result.step:,} ({result.tokens:,} tokens): "
             f"train {fmt(result.eval_train_loss)}, val {fmt(result.val_loss)} at the last evaluation "
             f"(eval mode, float32); last update's loss {fmt(result.train_loss)} (dropout on)")
+    metrics = Path(result.run_dir) / "metrics.jsonl"
+    evals = [r for _, r in iter_jsonl(metrics) if r.get("kind") == "eval"] if metrics.is_file() else []
+    last = evals[-1] if evals and evals[-1].get("step") == result.step else {}
+    if last.get("train_bpb") is not None or last.get("val_bpb") is not None:
+        line += f"; bits per byte: train {fmt(last.get('train_bpb'))}, val {fmt(last.get('val_bpb'))}"
     return f"{line}; run in {result.run_dir}"
 
 
@@ -197,10 +206,12 @@ def summary_line(result) -> str:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="exact mean cross-entropy of a run over a whole split",
+    p = sub.add_parser("eval", help="exact mean cross-entropy and bits per byte of a run over a whole split",
                        description="Mean cross-entropy (nats/token) of a checkpoint over every token of a split: "
                                    "windows of block_size with stride block_size, each token but the first "
-                                   "predicted once. Example: gptforge eval runs/char --split val --checkpoint best")
+                                   "predicted once; beside it bits per byte, the same nats over the UTF-8 bytes "
+                                   "of the predicted tokens (comparable across tokenizers). "
+                                   "Example: gptforge eval runs/char --split val --checkpoint best")
     p.add_argument("run", metavar="RUN", help="run directory (or a checkpoint directory inside one)")
     p.add_argument("--split", choices=("train", "val"), default="val", help="which split (default: val)")
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
@@ -219,8 +230,10 @@ def _run_eval(args: argparse.Namespace) -> None:
 
     r = evaluate_run(args.run, split=args.split, which=args.checkpoint, device=args.device, dtype=args.dtype,
                      batch_size=args.batch_size)
+    bpb = "n/a (no bytes)" if r["bpb"] is None else f"{r['bpb']:.4f}"
     print(f"{r['split']} loss {r['loss']:.4f} nats/token (perplexity {math.exp(min(r['loss'], 700)):.2f}) "
-          f"over {r['tokens']:,} tokens; checkpoint {r['checkpoint']} (step {r['step']})")
+          f"over {r['tokens']:,} tokens; {bpb} bits/byte over their {r['bytes']:,} UTF-8 bytes; "
+          f"checkpoint {r['checkpoint']} (step {r['step']})")
 
 
 # --------------------------------------------------------------------------------------------- plot
@@ -230,15 +243,20 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="draw a run's loss curves, or overlay several runs' validation curves",
                        description="One run: train and validation loss against steps and tokens, with the "
                                    "learning rate beneath, from RUN/metrics.jsonl (default RUN/loss.png). Several "
-                                   "runs (or --x): their validation curves on one plot.",
+                                   "runs (or --x): their validation curves on one plot. --metric bpb draws bits "
+                                   "per byte instead, which compares runs with different tokenizers.",
                        epilog="examples:\n  gptforge plot runs/demo\n"
-                              "  gptforge plot runs/a runs/b --x seconds --out compare.png",
+                              "  gptforge plot runs/a runs/b --x seconds --out compare.png\n"
+                              "  gptforge plot runs/char runs/gpt2 runs/bpe --metric bpb --out tokenizers.png",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (the --out of gptforge train)")
     p.add_argument("--x", choices=("steps", "tokens", "seconds"), default=None,
                    help="overlay the runs' validation loss against this (default with several runs: seconds)")
     p.add_argument("--out", default=None, help="PNG to write (default: RUN/loss.png; compare.png for an overlay)")
     p.add_argument("--log-y", action="store_true", help="logarithmic loss axis")
+    p.add_argument("--metric", choices=("loss", "bpb"), default="loss",
+                   help="loss: nats/token; bpb: bits per byte of text, comparable across tokenizers (runs "
+                        "logged before bits per byte existed have none: evaluate them with gptforge eval)")
     p.set_defaults(func=_run_plot)
 
 
@@ -246,9 +264,10 @@ def _run_plot(args: argparse.Namespace) -> None:
     from gptforge.plot import plot_run, plot_runs
 
     if len(args.runs) == 1 and args.x is None:
-        print(plot_run(args.runs[0], args.out, log_y=args.log_y))
+        print(plot_run(args.runs[0], args.out, log_y=args.log_y, metric=args.metric))
     else:
-        print(plot_runs(args.runs, args.out or "compare.png", x=args.x or "seconds", log_y=args.log_y))
+        print(plot_runs(args.runs, args.out or "compare.png", x=args.x or "seconds", log_y=args.log_y,
+                        metric=args.metric))
 
 
 # --------------------------------------------------------------------------------------------- generate
@@ -411,7 +430,8 @@ def _run_export_space(args: argparse.Namespace) -> None:
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sweep", help="hyperparameter search with Optuna",
-        description="Search config overrides for the lowest validation loss: each trial is a training run "
+        description="Search config overrides for the lowest validation loss (or bits per byte, --objective "
+                    "val_bpb): each trial is a training run "
                     "in OUT/trials/NNNN; results go to OUT/trials.csv, OUT/best.toml and OUT/*.png. "
                     "See docs/tuning.md.",
         epilog="example: gptforge sweep --config configs/tinyshakespeare-char.toml --trials 12 "
@@ -438,6 +458,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--startup-trials", type=int, default=2, metavar="K",
                    help="trials that finish before the median pruner starts pruning (default 2)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="sampler seed (default 0)")
+    p.add_argument("--objective", choices=("val_loss", "val_bpb"), default=None,
+                   help="what to minimise: val_loss (nats/token) or val_bpb (bits per byte, which compares "
+                        "trials with different tokenizers) (default val_loss; a continued sweep keeps its own)")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_run_sweep)
 
@@ -458,7 +481,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
     sweep.sweep(args.config, args.space, args.trials, out, overrides=args.overrides,
                 budget=args.budget_per_trial, resume=args.resume, workers=args.workers,
                 storage=args.storage, study_name=args.study, pruner=args.pruner,
-                startup_trials=args.startup_trials, seed=args.seed)
+                startup_trials=args.startup_trials, seed=args.seed, objective=args.objective)
 
 
 # --------------------------------------------------------------------------------------------- main

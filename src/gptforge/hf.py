@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gptforge.data.tokenizers import bytes_to_unicode
 from gptforge.errors import GptforgeError
 
 if TYPE_CHECKING:
@@ -305,19 +306,6 @@ def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------- gpt2 files
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (the alphabet of its vocab.json)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = list(bs)
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 def gpt2_vocab_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -595,16 +583,18 @@ _TOKENIZER_TEXT = {
 }
 
 
-def _losses(run: Path, step: Any, info: dict) -> tuple[Any, Any, bool]:
-    """(train loss, val loss, measured by an evaluation) at the checkpoint's step."""
+def _losses(run: Path, step: Any, info: dict) -> tuple[dict[str, Any], bool]:
+    """The numbers at the checkpoint's step (train_loss, val_loss and, for runs that logged them,
+    train_bpb, val_bpb, train_loss_tokens) and whether an evaluation measured them (else the
+    checkpoint's info)."""
     from gptforge.io import iter_jsonl
 
     path = run / "metrics.jsonl"
     if path.is_file() and step is not None:
         evals = [r for _, r in iter_jsonl(path) if r.get("kind") == "eval" and r.get("step") == step]
         if evals:
-            return evals[-1].get("train_loss"), evals[-1].get("val_loss"), True
-    return info.get("train_loss"), info.get("val_loss"), False
+            return evals[-1], True
+    return {"train_loss": info.get("train_loss"), "val_loss": info.get("val_loss")}, False
 
 
 def _count(n: int, noun: str) -> str:
@@ -632,9 +622,12 @@ def model_card(model: GPT, tok: Tokenizer, info: dict, run: Path, ckpt: Path, na
     sources = corpus if isinstance(corpus, (list, tuple)) else [corpus] if corpus else []
     corpus = ", ".join(Path(str(x)).name if ("/" in str(x) or os.sep in str(x)) else str(x) for x in sources)
     step = info.get("step")
-    train_loss, val_loss, evaluated = _losses(run, step, info)
-    how = ("measured by the run's evaluation at this step, on batches of the training and the validation "
-           "split" if evaluated else "from the checkpoint (train: the last training batch)")
+    ev, evaluated = _losses(run, step, info)
+    whole_train = ev.get("train_loss_tokens") is not None  # stop_metric = "train_full": a memorisation run
+    how = ("from the checkpoint (train: the last training batch)" if not evaluated else
+           "measured by the run's evaluation at this step, over every token of the training split (the run "
+           "trained to a loss on it: it memorises) and batches of the validation split" if whole_train else
+           "measured by the run's evaluation at this step, on batches of the training and the validation split")
     lines = [
         "---",
         "library_name: transformers",
@@ -659,13 +652,17 @@ def model_card(model: GPT, tok: Tokenizer, info: dict, run: Path, ckpt: Path, na
         f"| tokenizer | {tok.spec}: {_TOKENIZER_TEXT[tok.spec].format(vocab=tok.vocab_size, eot=tok.eot_id)} |",
         f"| data | {corpus if corpus else 'n/a'} |",
         f"| steps | {_fmt(step, ',')} ({_fmt(info.get('tokens'), ',')} training tokens) |",
-        f"| train loss | {_fmt(train_loss, '.4f')} |",
-        f"| validation loss | {_fmt(val_loss, '.4f')} |",
+        f"| train loss | {_fmt(ev.get('train_loss'), '.4f')} |",
+        f"| validation loss | {_fmt(ev.get('val_loss'), '.4f')} |",
+        f"| train bits per byte | {_fmt(ev.get('train_bpb'), '.4f')} |",
+        f"| validation bits per byte | {_fmt(ev.get('val_bpb'), '.4f')} |",
         f"| checkpoint | `{ckpt.name}` of run `{run.name}` |",
         "",
         "Losses are the mean cross-entropy of the next token, in nats per token (lower is better; "
         f"exp(loss) is the perplexity), {how}. The validation split is the end of the corpus, "
-        "never trained on: a validation loss well above the train loss means the model memorises.",
+        "never trained on: a validation loss well above the train loss means the model memorises. "
+        "Bits per byte are the same nats over the UTF-8 bytes of the predicted tokens (divided by ln 2; "
+        "`<|endoftext|>` counts 0 bytes): unlike a loss per token they compare across tokenizers.",
         "",
     ]
     if has_plot:

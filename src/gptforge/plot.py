@@ -3,11 +3,14 @@
     gptforge plot runs/demo                 # writes runs/demo/loss.png
     gptforge plot runs/demo --out demo.png --log-y
     gptforge plot runs/a runs/b runs/c --x seconds --out compare.png   # validation curves overlaid
+    gptforge plot runs/char runs/gpt2 --metric bpb --out bpb.png     # bits per byte: across tokenizers
 
     from gptforge.plot import plot_run
     plot_run("runs/demo")                   # -> Path("runs/demo/loss.png")
 
 Everything comes from metrics.jsonl, so any run (finished, interrupted, resumed) can be drawn again.
+`metric="bpb"` draws the evaluations' bits per byte (val_bpb, train_bpb) instead of nats per token;
+runs logged before those existed have none and are refused with a one-line error.
 Matplotlib is used through its Agg canvas only: no pyplot, no global backend switch, no display needed.
 """
 
@@ -48,21 +51,44 @@ def read_metrics(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
     }
 
 
+# metric -> (the training updates' key or None, the eval keys (train, val), the axis label)
+METRICS = {
+    "loss": ("loss", "train_loss", "val_loss", "loss (nats/token)"),
+    "bpb": (None, "train_bpb", "val_bpb", "bits per byte"),
+}
+
+
+def _check_metric(metric: str) -> tuple[str | None, str, str, str]:
+    if metric not in METRICS:
+        raise GptforgeError(f"--metric {metric!r} is unknown; use one of {', '.join(METRICS)}")
+    return METRICS[metric]
+
+
+def _no_bpb(run_dir: str | Path) -> GptforgeError:
+    return GptforgeError(f"{run_dir} has no bits per byte in metrics.jsonl (logged before gptforge recorded them, "
+                         f"or no evaluation yet); plot it with --metric loss, or get its exact bits per byte "
+                         f"with gptforge eval {run_dir}")
+
+
 def _series(records: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:
     pairs = [(r[x], r[y]) for r in records if r.get(x) is not None and r.get(y) is not None]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None, *, log_y: bool = False) -> Path:
-    """Draw train and validation loss against steps and against tokens, the LR beneath, into a PNG
-    (default RUN/loss.png) and return its path."""
+def plot_run(run_dir: str | Path, out: str | Path | None = None, *, log_y: bool = False,
+             metric: str = "loss") -> Path:
+    """Draw train and validation loss (or, with metric="bpb", their bits per byte) against steps and
+    against tokens, the LR beneath, into a PNG (default RUN/loss.png, RUN/bpb.png) and return its path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
 
+    update_key, train_key, val_key, ylabel = _check_metric(metric)
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)
     train, evals = metrics["train"], metrics["eval"]
+    if metric == "bpb" and not any(e.get(train_key) is not None or e.get(val_key) is not None for e in evals):
+        raise _no_bpb(run_dir)
     has_tokens = any("tokens" in r for r in train + evals)
     xs = ["step", "tokens"] if has_tokens else ["step"]
 
@@ -75,18 +101,20 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, log_y: bool 
         ax = fig.add_subplot(grid[0, col])
         ax_lr = fig.add_subplot(grid[1, col], sharex=ax)
         lines = [
-            (train, "loss", "train", {"color": "C0", "linewidth": 1.0, "alpha": 0.8}),
-            (evals, "train_loss", "train (eval mode)", {"color": "C0", "linestyle": "--", "marker": "o",
-                                                   "markersize": 3}),
-            (evals, "val_loss", "val", {"color": "C1", "marker": "o", "markersize": 3}),
+            (train, update_key, "train", {"color": "C0", "linewidth": 1.0, "alpha": 0.8}),
+            (evals, train_key, "train (eval mode)", {"color": "C0", "linestyle": "--", "marker": "o",
+                                                 "markersize": 3}),
+            (evals, val_key, "val", {"color": "C1", "marker": "o", "markersize": 3}),
         ]
         for records, key, label, style in lines:
+            if key is None:  # no bits per byte per update: only evaluations count bytes
+                continue
             xv, yv = _series(records, x, key)
             if yv:
                 ax.plot(xv, yv, label=f"{label} (final {yv[-1]:.4f})", **style)
         if log_y:
             ax.set_yscale("log")
-        ax.set_ylabel("loss (nats/token)")
+        ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="upper right")
@@ -105,27 +133,29 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, log_y: bool 
             for step in resumes:  # where a resumed run picked up again
                 for a in (ax, ax_lr):
                     a.axvline(step, color="grey", linestyle=":", linewidth=1)
-        ax.set_title(f"loss vs {'tokens' if x == 'tokens' else 'steps'}")
+        ax.set_title(f"{'bits per byte' if metric == 'bpb' else 'loss'} vs {'tokens' if x == 'tokens' else 'steps'}")
 
     last = (train or evals)[-1]
     fig.suptitle(f"{run_dir.resolve().name}: step {last['step']:,}"
                  + (f", {last['tokens']:,} tokens" if "tokens" in last else ""))
 
     # A reader (or a kill) never sees half a PNG.
-    return write_atomically(out if out is not None else run_dir / "loss.png",
+    default = run_dir / ("bpb.png" if metric == "bpb" else "loss.png")
+    return write_atomically(out if out is not None else default,
                             lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 X_AXES = {"steps": "step", "tokens": "tokens", "seconds": "elapsed_s"}
 
 
-def _eval_x(metrics: dict[str, list[dict[str, Any]]], x: str) -> tuple[list[float], list[float]]:
-    """(x, val_loss) of a run's evaluations. Seconds are the training clock at the evaluation (its
-    own `elapsed_s`, or for older runs the clock of the train records around it, interpolated)."""
+def _eval_x(metrics: dict[str, list[dict[str, Any]]], x: str, y: str = "val_loss"
+            ) -> tuple[list[float], list[float]]:
+    """(x, y) of a run's evaluations, y val_loss or val_bpb. Seconds are the training clock at the
+    evaluation (its own `elapsed_s`, or for older runs the clock of the train records around it, interpolated)."""
     key = X_AXES[x]
-    evals = [e for e in metrics["eval"] if e.get("val_loss") is not None]
+    evals = [e for e in metrics["eval"] if e.get(y) is not None]
     if key != "elapsed_s" or all("elapsed_s" in e for e in evals):
-        return _series(evals, key, "val_loss")
+        return _series(evals, key, y)
     clock = [(r["step"], r["elapsed_s"]) for r in metrics["train"] if r.get("elapsed_s") is not None]
     xs, ys = [], []
     for e in evals:
@@ -135,18 +165,20 @@ def _eval_x(metrics: dict[str, list[dict[str, Any]]], x: str) -> tuple[list[floa
             continue
         (s0, t0), (s1, t1) = before[-1], after[0]
         xs.append(t0 if s1 == s0 else t0 + (t1 - t0) * (e["step"] - s0) / (s1 - s0))
-        ys.append(e["val_loss"])
+        ys.append(e[y])
     return xs, ys
 
 
-def overlay_figure(runs: list[str | Path], x: str = "seconds", *, log_y: bool = False):
-    """A matplotlib Figure with one validation-loss curve per run against `x` (steps, tokens or seconds)."""
+def overlay_figure(runs: list[str | Path], x: str = "seconds", *, log_y: bool = False, metric: str = "loss"):
+    """A matplotlib Figure with one validation curve per run (loss, or bits per byte with metric="bpb")
+    against `x` (steps, tokens or seconds)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
 
     if x not in X_AXES:
         raise GptforgeError(f"--x {x!r} is unknown; use one of {', '.join(X_AXES)}")
+    _, _, val_key, ylabel = _check_metric(metric)
     if not runs:
         raise GptforgeError("no run to plot; pass one or more run directories")
     fig = Figure(figsize=(8, 5.5), layout="constrained")
@@ -156,7 +188,10 @@ def overlay_figure(runs: list[str | Path], x: str = "seconds", *, log_y: bool = 
     if len(set(names)) < len(names):  # runs/a/x and runs/b/x: show the parent too
         names = [f"{Path(r).resolve().parent.name}/{Path(r).resolve().name}" for r in runs]
     for i, (run, name) in enumerate(zip(runs, names, strict=True)):
-        xs, ys = _eval_x(read_metrics(run), x)
+        metrics = read_metrics(run)
+        xs, ys = _eval_x(metrics, x, val_key)
+        if not ys and metric == "bpb" and any(e.get("val_loss") is not None for e in metrics["eval"]):
+            raise _no_bpb(run)
         if not ys:
             raise GptforgeError(f"{run} has no validation loss to plot (no evaluation with a validation split yet)")
         ax.plot(xs, ys, marker="o", markersize=3, color=f"C{i % 10}", label=f"{name} (final {ys[-1]:.4f})")
@@ -165,15 +200,16 @@ def overlay_figure(runs: list[str | Path], x: str = "seconds", *, log_y: bool = 
     ax.set_xlabel({"steps": "step", "tokens": "tokens", "seconds": "training seconds (evaluations included)"}[x])
     if x == "tokens":
         ax.xaxis.set_major_formatter(EngFormatter())
-    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_ylabel(f"validation {ylabel}")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper right")
-    ax.set_title(f"validation loss vs {x}")
+    ax.set_title(f"validation {'bits per byte' if metric == 'bpb' else 'loss'} vs {x}")
     return fig
 
 
-def plot_runs(runs: list[str | Path], out: str | Path, x: str = "seconds", *, log_y: bool = False) -> Path:
-    """Overlay several runs' validation curves against steps, tokens or seconds (how recipes are
-    compared) into the PNG `out`, and return its path."""
-    fig = overlay_figure(runs, x, log_y=log_y)
+def plot_runs(runs: list[str | Path], out: str | Path, x: str = "seconds", *, log_y: bool = False,
+              metric: str = "loss") -> Path:
+    """Overlay several runs' validation curves (loss, or bits per byte with metric="bpb": runs with
+    different tokenizers compare only so) against steps, tokens or seconds into the PNG `out`."""
+    fig = overlay_figure(runs, x, log_y=log_y, metric=metric)
     return write_atomically(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))

@@ -1,4 +1,6 @@
-"""Hyperparameter search: an Optuna study over config overrides, minimising validation loss.
+"""Hyperparameter search: an Optuna study over config overrides, minimising validation loss (or, with
+`objective="val_bpb"` / `--objective val_bpb`, validation bits per byte, which compares trials that
+search the tokenizer).
 
     gptforge sweep --config configs/tinyshakespeare-char.toml --trials 20 --budget-per-trial 300steps \\
         --space 'optim.lr=log:1e-4..3e-3' --space 'model.dropout=0,0.1,0.2' --space 'model.n_head=4,6,8'
@@ -51,6 +53,9 @@ _ATTR = "gptforge_sweep"
 # Trial states that count towards --trials (RUNNING too, so parallel workers do not overshoot).
 _COUNTED = ("COMPLETE", "PRUNED", "RUNNING")
 PRUNERS = ("median", "halving", "none")
+# objective -> (table header, axis label); the trainer logs both in every evaluation record.
+OBJECTIVES = {"val_loss": ("val loss", "validation loss (nats/token)"),
+              "val_bpb": ("val bpb", "validation bits per byte")}
 
 
 # --------------------------------------------------------------------------------------------- space
@@ -175,6 +180,7 @@ class TrialRow:
     number: int
     params: dict[str, Any]
     val_loss: float | None
+    """The objective's value: the best validation loss, or bits per byte under objective val_bpb."""
     steps: int | None
     time_s: float | None
     state: str  # complete, pruned, skipped, failed, running, killed, waiting
@@ -249,7 +255,7 @@ def _fail_stale_trials(study, storage) -> int:
 
 
 def _objective(sweep_dir: Path, base_config: Path, params: Sequence[Param], budget: Sequence[str],
-               log: Callable[[str], None]):
+               log: Callable[[str], None], objective_key: str = "val_loss"):
     import optuna
 
     from gptforge.config import load_config
@@ -272,14 +278,16 @@ def _objective(sweep_dir: Path, base_config: Path, params: Sequence[Param], budg
         trial.set_user_attr("run_dir", str(run_dir))
         evals: list[tuple[int, float]] = []
 
+        label = OBJECTIVES[objective_key][0]
+
         def eval_hook(step: int, record: Mapping[str, Any]) -> None:
-            val = record.get("val_loss")
+            val = record.get(objective_key)
             if val is None or not math.isfinite(val):
                 return
             evals.append((step, float(val)))
             trial.report(float(val), step)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at step {step} with val loss {val:.4f}")
+                raise optuna.TrialPruned(f"pruned at step {step} with {label} {val:.4f}")
 
         log(f"trial {trial.number}: {shown}")
         t0 = time.time()
@@ -307,14 +315,14 @@ def _objective(sweep_dir: Path, base_config: Path, params: Sequence[Param], budg
 
         trial.set_user_attr("steps", int(result.step))
         candidates = [v for _, v in evals]
-        if result.val_loss is not None and math.isfinite(result.val_loss):
+        if objective_key == "val_loss" and result.val_loss is not None and math.isfinite(result.val_loss):
             candidates.append(float(result.val_loss))
         if not candidates:
-            raise GptforgeError("a trial finished without a validation loss; "
+            raise GptforgeError(f"a trial finished without a {label}; "
                                 "the config must evaluate (train.eval_every) and have a validation split")
         value = min(candidates)
-        trial.set_user_attr("val_loss", value)
-        log(f"trial {trial.number}: val loss {value:.4f} after {result.step} steps "
+        trial.set_user_attr("val_loss", value)  # the objective's value (the attribute's name predates val_bpb)
+        log(f"trial {trial.number}: {label} {value:.4f} after {result.step} steps "
             f"({time.time() - t0:.0f} s)")
         return value
 
@@ -345,6 +353,7 @@ def sweep(
     seed: int = 0,
     enqueue: Sequence[Mapping[str, Any]] = (),
     verbose: bool = True,
+    objective: str | None = None,
 ) -> SweepResult:
     """Run (or continue) a sweep and write its table, best config and plots.
 
@@ -353,7 +362,9 @@ def sweep(
     do not). An existing study in `out` (or `storage`) is joined; `resume=True` also marks trials
     left RUNNING by a killed sweep as failed and runs their parameters again. `enqueue` lists
     parameter dicts to try first (e.g. a known-good baseline). Config, space, budget, trial count,
-    pruner and seed may be omitted when continuing: they are read back from the study.
+    pruner and seed may be omitted when continuing: they are read back from the study. `objective` is
+    what is minimised: "val_loss" (nats/token, the default) or "val_bpb" (bits per byte, for a space
+    that includes data.tokenizer or data.bpe_vocab_size, where losses per token do not compare).
     """
     import optuna
 
@@ -368,7 +379,7 @@ def sweep(
     store = _storage(storage, sweep_dir)
     existing = _load_settings(store, study_name)
     settings = _settings(config, overrides, space, n_trials, budget, pruner, startup_trials, seed, existing,
-                         sweep_dir)
+                         sweep_dir, objective)
     study = optuna.create_study(storage=store, study_name=study_name, direction="minimize",
                                 load_if_exists=True)
     if existing is None:
@@ -395,8 +406,11 @@ def sweep(
     return result
 
 
-def _settings(config, overrides, space, n_trials, budget, pruner, startup_trials, seed, existing, sweep_dir):
+def _settings(config, overrides, space, n_trials, budget, pruner, startup_trials, seed, existing, sweep_dir,
+              objective=None):
     """The sweep's settings: from the arguments, checked against (or filled from) an existing study."""
+    if objective is not None and objective not in OBJECTIVES:
+        raise GptforgeError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if existing is None:
         if not space:
             raise GptforgeError(f"no sweep in {sweep_dir} yet and nothing to search; "
@@ -424,10 +438,14 @@ def _settings(config, overrides, space, n_trials, budget, pruner, startup_trials
         if budget is not None and budget != existing["budget"]:
             raise GptforgeError(f"the sweep in {sweep_dir} uses --budget-per-trial {existing['budget']}, "
                                 f"not {budget}")
-        return {**existing, "n_trials": n_trials or existing["n_trials"]}
+        was = existing.get("objective", "val_loss")  # studies from before --objective minimised val_loss
+        if objective is not None and objective != was:
+            raise GptforgeError(f"the sweep in {sweep_dir} minimises {was}, not {objective}; use another --out "
+                                "for a different objective")
+        return {**existing, "objective": was, "n_trials": n_trials or existing["n_trials"]}
     return {"space": list(space), "budget": budget, "budget_overrides": budget_overrides,
             "base_config": base_text, "n_trials": n_trials, "pruner": pruner,
-            "startup_trials": startup_trials, "seed": seed}
+            "startup_trials": startup_trials, "seed": seed, "objective": objective or "val_loss"}
 
 
 def _resolved_toml(config, overrides, budget_overrides) -> str:
@@ -480,7 +498,8 @@ def run_worker(sweep_dir: str | Path, study_name: str, storage: str | None = Non
                                            n_startup_trials=max(2, min(10, settings["n_trials"] // 3))),
         pruner=_pruner(settings["pruner"], settings["startup_trials"]),
     )
-    objective = _objective(sweep_dir, base_config, params, settings["budget_overrides"], log)
+    objective = _objective(sweep_dir, base_config, params, settings["budget_overrides"], log,
+                           settings.get("objective", "val_loss"))
     target = settings["n_trials"]
     while _count(study, _COUNTED) < target:
         study.optimize(objective, n_trials=1)
@@ -563,27 +582,29 @@ def report(sweep_dir: str | Path, study_name: str | None = None, storage: str | 
     study = optuna.load_study(study_name=study_name, storage=store)
     rows = _rows(study)
     keys = [parse_space(s).key for s in settings["space"]]
-    _write_csv(sweep_dir / "trials.csv", rows, keys)
+    objective = settings.get("objective", "val_loss")
+    _write_csv(sweep_dir / "trials.csv", rows, keys, objective)
     result = SweepResult(sweep_dir, study_name, rows)
     complete = [r for r in rows if r.state == "complete"]
     if complete:
         best = min(complete, key=lambda r: r.val_loss)
         result.best_number, result.best_value, result.best_params = best.number, best.val_loss, best.params
         result.best_config = _write_best(sweep_dir, settings, best)
-    _plot(sweep_dir, rows, [parse_space(s) for s in settings["space"]])
+    _plot(sweep_dir, rows, [parse_space(s) for s in settings["space"]], objective)
     if verbose:
-        print(format_table(rows, keys))
+        print(format_table(rows, keys, objective=objective))
         if result.best_config:
-            print(f"best: trial {result.best_number}, val loss {result.best_value:.4f}; "
+            print(f"best: trial {result.best_number}, {OBJECTIVES[objective][0]} {result.best_value:.4f}; "
                   f"config in {result.best_config}")
         else:
             print("best: no trial completed")
     return result
 
 
-def format_table(rows: Sequence[TrialRow], keys: Sequence[str], markdown: bool = False) -> str:
+def format_table(rows: Sequence[TrialRow], keys: Sequence[str], markdown: bool = False,
+                 objective: str = "val_loss") -> str:
     """The results table as aligned text (or Markdown for the docs)."""
-    header = ["trial", *keys, "val loss", "steps", "time s", "state", "reason"]
+    header = ["trial", *keys, OBJECTIVES[objective][0], "steps", "time s", "state", "reason"]
     lines = [[str(r.number), *(_fmt(r.params[k]) if k in r.params else "-" for k in keys),
               f"{r.val_loss:.4f}" if r.val_loss is not None else "-",
               str(r.steps) if r.steps is not None else "-",
@@ -597,12 +618,12 @@ def format_table(rows: Sequence[TrialRow], keys: Sequence[str], markdown: bool =
     return "\n".join([fmt(header), *(fmt(line) for line in lines)])
 
 
-def _write_csv(path: Path, rows: Sequence[TrialRow], keys: Sequence[str]) -> None:
+def _write_csv(path: Path, rows: Sequence[TrialRow], keys: Sequence[str], objective: str = "val_loss") -> None:
     import io
 
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
-    w.writerow(["number", *keys, "val_loss", "steps", "time_s", "state", "reason"])
+    w.writerow(["number", *keys, objective, "steps", "time_s", "state", "reason"])
     for r in rows:
         w.writerow([r.number, *(r.params.get(k, "") for k in keys),
                     "" if r.val_loss is None else f"{r.val_loss:.6f}",
@@ -618,7 +639,8 @@ def _write_best(sweep_dir: Path, settings: Mapping[str, Any], best: TrialRow) ->
     overrides = [*settings["budget_overrides"], *(_override(k, v) for k, v in best.params.items())]
     cfg = load_config(sweep_dir / "base.toml", overrides)
     path = sweep_dir / "best.toml"
-    header = (f"# Best trial {best.number} of the sweep in {sweep_dir} (val loss {best.val_loss:.4f}):\n"
+    label = OBJECTIVES[settings.get("objective", "val_loss")][0]
+    header = (f"# Best trial {best.number} of the sweep in {sweep_dir} ({label} {best.val_loss:.4f}):\n"
               + "".join(f"#   {k} = {_fmt(v)}\n" for k, v in best.params.items())
               + f"# Train it with: gptforge train --config {path}\n\n")
     return atomic_write_text(path, header + cfg.to_toml())
@@ -627,7 +649,7 @@ def _write_best(sweep_dir: Path, settings: Mapping[str, Any], best: TrialRow) ->
 # --------------------------------------------------------------------------------------------- plots
 
 
-def _plot(sweep_dir: Path, rows: Sequence[TrialRow], params: Sequence[Param]) -> None:
+def _plot(sweep_dir: Path, rows: Sequence[TrialRow], params: Sequence[Param], objective: str = "val_loss") -> None:
     """history.png (value per trial and best so far) and params.png (value against each parameter)."""
     # Figure objects without pyplot: drawing never switches the caller's matplotlib backend.
     from matplotlib.figure import Figure
@@ -653,7 +675,7 @@ def _plot(sweep_dir: Path, rows: Sequence[TrialRow], params: Sequence[Param]) ->
     if xs:
         ax.step(xs, ys, where="post", color="tab:red", label="best so far")
     ax.set_xlabel("trial")
-    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_ylabel(OBJECTIVES[objective][1])
     ax.set_title("optimisation history")
     ax.grid(alpha=0.3)
     if scored:
@@ -688,7 +710,7 @@ def _plot(sweep_dir: Path, rows: Sequence[TrialRow], params: Sequence[Param]) ->
             ax.set_xlim(p.low - pad, p.high + pad)
         ax.set_xlabel(p.key)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("validation loss (nats/token)")
-    fig.suptitle("loss against each parameter (x = pruned)")
+    axes[0][0].set_ylabel(OBJECTIVES[objective][1])
+    fig.suptitle(f"{OBJECTIVES[objective][0]} against each parameter (x = pruned)")
     fig.tight_layout()
     fig.savefig(sweep_dir / "params.png", dpi=110)

@@ -131,6 +131,10 @@ def model_facts(gen: Generator) -> dict[str, Any]:
         "tokens": info.get("tokens", ev.get("tokens", train.get("tokens"))),
         "train_loss": ev.get("train_loss", info.get("train_loss", last_ev.get("train_loss", train.get("loss")))),
         "val_loss": ev.get("val_loss", info.get("val_loss", last_ev.get("val_loss"))),
+        # Bits per byte only from the evaluation at this step (runs before they were logged have none).
+        "train_bpb": ev.get("train_bpb"),
+        "val_bpb": ev.get("val_bpb"),
+        "whole_train_split": ev.get("train_loss_tokens") is not None,
     }
 
 
@@ -152,8 +156,13 @@ def model_card_markdown(gen: Generator) -> str:
         f"| tokens seen | {_fmt(f['tokens'], ',')} |",
         f"| train loss | {_fmt(f['train_loss'], '.4f')} |",
         f"| val loss | {_fmt(f['val_loss'], '.4f')} |",
+        f"| train bits per byte | {_fmt(f['train_bpb'], '.4f')} |",
+        f"| val bits per byte | {_fmt(f['val_bpb'], '.4f')} |",
         "",
-        "Losses are mean cross-entropy in nats per token.",
+        "Losses are mean cross-entropy in nats per token; bits per byte are the same nats over the UTF-8 "
+        "bytes of the predicted tokens, / ln 2 (comparable across tokenizers)."
+        + (" The train loss is over the whole training split, which this run trained to memorise; the val "
+           "loss is text it never saw." if f["whole_train_split"] else ""),
     ])
 
 

@@ -329,6 +329,7 @@ def test_the_final_line_pairs_like_with_like(tiny_config, tmp_path, tiny_corpus,
     assert last.startswith("stopped by max_steps at step 3 ")
     assert (f"train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f} at the last evaluation (eval mode, float32); "
             f"last update's loss {tr['loss']:.4f} (dropout on)") in last
+    assert f"; bits per byte: train {ev['train_bpb']:.4f}, val {ev['val_bpb']:.4f}; run in" in last
 
 
 @pytest.mark.parametrize("cpu_bf16, expected", [("1", "bfloat16"), ("0", "float32")])
@@ -492,3 +493,49 @@ def test_samples_are_written_at_each_evaluation_without_changing_the_training(ti
           tmp_path / "every3")
     every3 = [json.loads(line) for line in (tmp_path / "every3" / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in every3] == [3, 4] and every3[1]["text"] == samples[0]["text"]
+
+
+def test_bits_per_byte_are_logged_beside_the_losses_and_eval_agrees(tiny_config, tmp_path, tiny_corpus, read_metrics,
+                                                                     capsys):
+    """Over text with multi-byte characters: the trainer's exact train_full number and `gptforge eval`
+    agree on tokens, bytes and bits per byte; the random-window estimate divides by the bytes of its
+    own windows' targets; a run that stops on the training split reports the validation numbers too."""
+    import numpy as np
+
+    from gptforge.data.tokens import BatchSampler
+
+    text = tmp_path / "accents.txt"
+    source = tiny_corpus.read_text(encoding="utf-8").replace("e", "é").replace("o", "ø✓")
+    text.write_text(source, encoding="utf-8")
+    run = tmp_path / "run"
+    result = train(tiny_config(f"data.corpus={text}", "train.max_steps=50", "train.stop_at_loss=10",
+                               "train.stop_metric=train_full", "train.eval_every=2"), run)
+    assert result.stopped_by == "stop_at_loss" and result.step == 2
+    ev = read_metrics(run, "eval")[-1]
+    n_train = ev["train_loss_tokens"] + 1  # one character per token; the training split is the text's start
+    assert ev["train_loss_bytes"] == len(source[1:n_train].encode("utf-8")) > ev["train_loss_tokens"]
+    assert ev["train_bpb"] == pytest.approx(ev["train_loss"] * ev["train_loss_tokens"]
+                                            / (ev["train_loss_bytes"] * math.log(2)), rel=1e-9)
+    exact = evaluate_run(run, split="train")
+    assert (exact["tokens"], exact["bytes"]) == (ev["train_loss_tokens"], ev["train_loss_bytes"])
+    assert exact["bpb"] == pytest.approx(ev["train_bpb"], abs=1e-5)
+
+    # The validation estimate: redraw its windows (seed + 1) and count their targets' bytes apart.
+    cfg, tok = resume_config(run), runs.load_model(run)[1]
+    val = np.array(tok.encode(source[n_train:]), dtype=np.int64)
+    t = cfg.train
+    sampler = BatchSampler(val, t.batch_size, cfg.model.block_size, mode="random", seed=t.seed + 1)
+    ys = [sampler.next_batch()[1] for _ in range(t.eval_batches)]
+    n_bytes = sum(len(tok.decode(row.tolist()).encode("utf-8")) for y in ys for row in y)
+    n_tokens = t.eval_batches * t.batch_size * cfg.model.block_size
+    assert n_bytes > n_tokens
+    assert ev["val_bpb"] == pytest.approx(ev["val_loss"] * n_tokens / (n_bytes * math.log(2)), rel=1e-9)
+
+    # Memorisation honesty: the stop names the validation loss and bits per byte beside the train loss.
+    stop = read_metrics(run, "event")[-1]
+    assert (stop["metric"], stop["value"]) == ("train_loss", ev["train_loss"])
+    assert (stop["val_loss"], stop["val_bpb"]) == (ev["val_loss"], ev["val_bpb"])
+    assert "val_bpb" in capsys.readouterr().out  # on the console as well
+    cli.main(["eval", str(run), "--split", "train"])
+    out = capsys.readouterr().out
+    assert f"{exact['bpb']:.4f} bits/byte over their {exact['bytes']:,} UTF-8 bytes" in out

@@ -9,6 +9,9 @@
 Every tokenizer is lossless: decode(encode(text)) == text for any text it accepts (gpt2 and bpe are
 byte-level, so that is any text at all). A saved tokenizer is a directory of JSON files (for gpt2 also
 GPT-2's ranks, gpt2.tiktoken, in tiktoken's text format), never a pickle.
+
+`tok.byte_lengths()` is the UTF-8 length of every id (special tokens: 0), from which bits per byte
+are counted (see gptforge.bpb).
 """
 
 from __future__ import annotations
@@ -90,6 +93,19 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def decode(self, ids: Sequence[int]) -> str: ...
+
+    def byte_lengths(self) -> np.ndarray:
+        """int64 array of vocab_size: how many UTF-8 bytes of text each id stands for. Special tokens
+        (<|endoftext|>) stand for no text and count 0. Summed over ids it is the byte length of their
+        decoded text (without special tokens), which is what bits per byte divide by."""
+        cached = getattr(self, "_byte_lengths", None)
+        if cached is None:
+            cached = self._byte_lengths = self._compute_byte_lengths()
+            cached.flags.writeable = False  # shared by every caller
+        return cached
+
+    @abstractmethod
+    def _compute_byte_lengths(self) -> np.ndarray: ...
 
     def encode_to_array(self, text: str) -> np.ndarray:
         """The whole text as one int64 array, encoded in parallel chunks where the tokenizer can."""
@@ -201,6 +217,12 @@ class GPT2Tokenizer(Tokenizer):
         # "replace": a cut through a multi-byte character (e.g. while streaming) must not raise.
         return self.enc.decode(list(ids), errors="replace")
 
+    def _compute_byte_lengths(self) -> np.ndarray:
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for token, rank in self.enc._mergeable_ranks.items():  # the special ids are not among them
+            lengths[rank] = len(token)
+        return lengths
+
     def save(self, directory: str | os.PathLike) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
@@ -260,11 +282,30 @@ class CharTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.chars[i] for i in ids)
 
+    def _compute_byte_lengths(self) -> np.ndarray:
+        # surrogatepass: a lone surrogate in a corpus read with errors="surrogateescape" counts 3 bytes
+        return np.array([len(c.encode("utf-8", "surrogatepass")) for c in self.chars], dtype=np.int64)
+
     def _meta(self) -> dict:
         return {"chars": self.chars}
 
 
 # --------------------------------------------------------------------------------------------- bpe
+
+
+@functools.lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (the alphabet of byte-level BPE vocabularies,
+    Hugging Face's ByteLevel and GPT-2's vocab.json)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = list(bs)
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 class BPETokenizer(Tokenizer):
@@ -339,6 +380,20 @@ class BPETokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def _compute_byte_lengths(self) -> np.ndarray:
+        # A byte-level token's string spells its bytes one printable character each (bytes_to_unicode);
+        # added tokens (<|endoftext|>) are special and stand for no text.
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        special = set(self.hf.get_added_tokens_decoder())
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for token, i in self.hf.get_vocab(with_added_tokens=True).items():
+            if i in special:
+                continue
+            if any(c not in byte_of for c in token):
+                raise GptforgeError(f"bpe token {token!r} (id {i}) is not byte-level; cannot count its bytes")
+            lengths[i] = len(token)
+        return lengths
 
     def save(self, directory: str | os.PathLike) -> None:
         d = Path(directory)

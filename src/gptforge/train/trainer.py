@@ -39,12 +39,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from gptforge import runs
+from gptforge.bpb import bits_per_byte, byte_table, target_bytes
 from gptforge.config import AUTO, Config, load_config
 from gptforge.data.tokenizers import load_tokenizer
 from gptforge.data.tokens import BatchSampler, prepare
@@ -376,20 +377,23 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Losses with dropout off: val_loss and train_loss over `eval_batches` fixed batches each
         (the same windows at every evaluation, so the curve compares like with like), or train_loss
-        over the whole training split when stop_metric is "train_full"."""
+        over the whole training split when stop_metric is "train_full". Beside each, its bits per
+        byte (val_bpb, train_bpb) over the bytes of the same predicted tokens."""
         t = self.config.train
         record: dict[str, Any] = {"tokens": self.tokens}
         self.eval_model.eval()
         try:
             if self.data.val is not None and len(self.data.val) > self.block_size:
-                record["val_loss"] = self._estimate_loss(self.data.val, seed=t.seed + 1)
+                val = self._estimate_loss(self.data.val, seed=t.seed + 1)
+                record["val_loss"], record["val_bpb"] = val.loss, val.bpb
             if t.stop_metric == "train_full":
-                loss, count = split_loss(self.eval_model, self.data.train, self.block_size, t.batch_size,
-                                         self.eval_rt, rank=self.rt.rank, world_size=self.world)
-                record["train_loss"] = loss
-                record["train_loss_tokens"] = count
+                full = split_loss(self.eval_model, self.data.train, self.block_size, t.batch_size, self.eval_rt,
+                                  rank=self.rt.rank, world_size=self.world, token_bytes=byte_table(self.tokenizer))
+                record["train_loss"], record["train_bpb"] = full.loss, full.bpb
+                record["train_loss_tokens"], record["train_loss_bytes"] = full.tokens, full.bytes
             else:
-                record["train_loss"] = self._estimate_loss(self.data.train, seed=t.seed + 2)
+                train = self._estimate_loss(self.data.train, seed=t.seed + 2)
+                record["train_loss"], record["train_bpb"] = train.loss, train.bpb
         finally:
             self.eval_model.train()
         return record
@@ -517,8 +521,11 @@ class Trainer:
             metric = "val_loss" if t.stop_metric == "val" else "train_loss"
             value = record.get(metric)
             if value is not None and value <= t.stop_at_loss:
+                held_out = {}  # a memorisation run stops on the training split: what unseen text costs beside it
+                if metric != "val_loss" and record.get("val_loss") is not None:
+                    held_out = {"val_loss": record["val_loss"], "val_bpb": record.get("val_bpb")}
                 self.log.event("stopped", reason="stop_at_loss", metric=metric, value=value,
-                               target=t.stop_at_loss, step=self.step)
+                               target=t.stop_at_loss, step=self.step, **held_out)
                 return "stop_at_loss"
         return None
 
@@ -536,14 +543,14 @@ class Trainer:
             self._stop_event = {"reason": reason, "value": value, "step": self.step}
         return reason
 
-    def _estimate_loss(self, tokens: np.ndarray, seed: int) -> float:
+    def _estimate_loss(self, tokens: np.ndarray, seed: int) -> EvalLoss:
         """The mean over `eval_batches` random windows drawn from a fixed seed (the same windows at
-        every evaluation)."""
+        every evaluation), with the bytes of their targets."""
         t = self.config.train
         sampler = BatchSampler(tokens, t.batch_size, self.block_size, mode="random", seed=seed,
                                rank=self.rt.rank, world_size=self.world)
         batches = (sampler.next_batch() for _ in range(t.eval_batches))
-        return mean_loss(self.eval_model, batches, self.eval_rt)[0]
+        return mean_loss(self.eval_model, batches, self.eval_rt, byte_table(self.tokenizer))
 
     def _stop_on_nan(self, what: str, value: float, step: int) -> None:
         latest = self.run_dir / ckpt.CHECKPOINTS / "latest"
@@ -836,21 +843,40 @@ def check_data_identity(run_dir: Path, data: Any) -> None:
 # --------------------------------------------------------------------------------------------- eval
 
 
+class EvalLoss(NamedTuple):
+    """An evaluation's result: the mean cross-entropy (nats/token) over `tokens` predicted tokens, and
+    the UTF-8 bytes those tokens spell (None when no byte table was given)."""
+
+    loss: float
+    tokens: int
+    bytes: int | None = None
+
+    @property
+    def bpb(self) -> float | None:
+        """Bits per byte: the total nats (loss x tokens) / (bytes x ln 2); see gptforge.bpb."""
+        return None if self.bytes is None else bits_per_byte(self.loss * self.tokens, self.bytes)
+
+
 @torch.no_grad()
-def mean_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], rt: Runtime
-              ) -> tuple[float, int]:
-    """The one mean cross-entropy of evaluation: (loss, tokens) over every target != -1 of every (x, y)
-    batch, token-weighted, summed over ranks under DDP. The periodic estimate, the train_full stop
-    metric and `gptforge eval` all go through it, in whatever precision `rt` says (float32 for all three)."""
-    loss_sum, tokens_counted = 0.0, 0
+def mean_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], rt: Runtime,
+              token_bytes: torch.Tensor | None = None) -> EvalLoss:
+    """The one mean cross-entropy of evaluation: (loss, tokens, bytes) over every target != -1 of every
+    (x, y) batch, token-weighted, summed over ranks under DDP. The periodic estimate, the train_full stop
+    metric and `gptforge eval` all go through it, in whatever precision `rt` says (float32 for all three).
+    `token_bytes` (gptforge.bpb.byte_table) counts the bytes of the targets, for bits per byte."""
+    loss_sum, tokens_counted, bytes_counted = 0.0, 0, 0
     for x, y in batches:
         count = int((y != -1).sum())
+        if token_bytes is not None:
+            bytes_counted += target_bytes(y, token_bytes)
         with rt.autocast():
             _, loss = model(x.to(rt.device), y.to(rt.device))
         loss_sum += float(loss) * count  # float64 on the host: exact enough for millions of tokens
         tokens_counted += count
-    loss_sum, tokens_counted = _sum_over_ranks(rt, [loss_sum, tokens_counted]).tolist()
-    return loss_sum / tokens_counted, int(tokens_counted)
+    loss_sum, tokens_counted, bytes_counted = _sum_over_ranks(rt, [loss_sum, tokens_counted,
+                                                                   bytes_counted]).tolist()
+    return EvalLoss(loss_sum / tokens_counted, int(tokens_counted),
+                    int(bytes_counted) if token_bytes is not None else None)
 
 
 def split_windows(tokens: np.ndarray, block_size: int, batch_size: int, rank: int = 0, world_size: int = 1
@@ -877,9 +903,9 @@ def split_windows(tokens: np.ndarray, block_size: int, batch_size: int, rank: in
 
 
 def split_loss(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_size: int, rt: Runtime,
-               rank: int = 0, world_size: int = 1) -> tuple[float, int]:
-    """Exact mean cross-entropy over a whole split (see split_windows). Returns (mean loss, tokens)."""
-    return mean_loss(model, split_windows(tokens, block_size, batch_size, rank, world_size), rt)
+               rank: int = 0, world_size: int = 1, token_bytes: torch.Tensor | None = None) -> EvalLoss:
+    """Exact mean cross-entropy over a whole split (see split_windows): (mean loss, tokens, bytes)."""
+    return mean_loss(model, split_windows(tokens, block_size, batch_size, rank, world_size), rt, token_bytes)
 
 
 def _sum_over_ranks(rt: Runtime, values: list[float]) -> torch.Tensor:
@@ -896,7 +922,8 @@ def evaluate_run(run: str | Path, split: str = "val", which: str = "latest", dev
     """`gptforge eval RUN`: exact mean cross-entropy of a checkpoint over a whole split.
 
     float32 by default, so the number does not depend on the precision the run trained in.
-    Returns {"split", "loss", "tokens", "checkpoint", "step"}."""
+    Returns {"split", "loss", "tokens", "bytes", "bpb", "checkpoint", "step"}: bytes are the UTF-8
+    bytes of the predicted tokens, bpb the bits per byte over them (see gptforge.bpb)."""
     if split not in ("train", "val"):
         raise GptforgeError(f"split {split!r} is unknown; use 'train' or 'val'")
     run = Path(run)
@@ -913,8 +940,10 @@ def evaluate_run(run: str | Path, split: str = "val", which: str = "latest", dev
     if tokens is None:
         raise GptforgeError(f"{run_dir} was trained without a validation split (data.val_fraction = 0); "
                             "use --split train")
-    loss, count = split_loss(model, tokens, model.config.block_size, batch_size or config.train.batch_size, rt)
-    return {"split": split, "loss": loss, "tokens": count, "checkpoint": str(path), "step": info.get("step")}
+    r = split_loss(model, tokens, model.config.block_size, batch_size or config.train.batch_size, rt,
+                   token_bytes=byte_table(tokenizer))
+    return {"split": split, "loss": r.loss, "tokens": r.tokens, "bytes": r.bytes, "bpb": r.bpb,
+            "checkpoint": str(path), "step": info.get("step")}
 
 
 # --------------------------------------------------------------------------------------------- batches
