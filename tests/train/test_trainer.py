@@ -480,6 +480,7 @@ def test_a_time_budget_sizes_the_schedule_and_resume_keeps_it(tiny_config, tmp_p
 def test_muon_trains_checkpoints_and_resumes_exactly(tiny_config, tmp_path, read_metrics):
     """optim.name = muon: PyTorch's Muon on the blocks' matrices, AdamW on the rest, each with its own
     LR under one schedule; its state (both parts) is in the checkpoint, so resume is exact."""
+    from gptforge.train.muon import Muon
     from gptforge.train.optim import MuonAdamW, muon_params, set_lr
 
     common = ("optim.name=muon", "optim.muon_lr=0.02", "model.dropout=0.1", "optim.decay_steps=30",
@@ -496,7 +497,7 @@ def test_muon_trains_checkpoints_and_resumes_exactly(tiny_config, tmp_path, read
 
     trainer = Trainer(tiny_config("train.max_steps=1", *common), tmp_path / "look")
     opt = trainer.optimizer
-    assert isinstance(opt, MuonAdamW) and isinstance(opt.muon, torch.optim.Muon)
+    assert isinstance(opt, MuonAdamW) and isinstance(opt.muon, Muon)
     hidden = {id(p) for p in muon_params(trainer.raw_model)}
     assert {id(p) for g in opt.muon.param_groups for p in g["params"]} == hidden
     assert trainer.raw_model.transformer.wte.weight in [p for g in opt.adamw.param_groups for p in g["params"]]
