@@ -31,15 +31,20 @@ EPS = 1e-7
 def orthogonalize(x: torch.Tensor, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
                   steps: int = NS_STEPS, eps: float = EPS) -> torch.Tensor:
     """Newton-Schulz iterations towards the nearest semi-orthogonal matrix (US'V^T with S' roughly in
-    [0.5, 1.5], not exactly UV^T), in bfloat16, of each matrix of a (k, m, n) stack with m <= n:
-    torch.optim.Muon's iteration, batched. Returns a new bfloat16 stack; `x` is left as it was."""
+    [0.5, 1.5], not exactly UV^T), in bfloat16, of each matrix of a (k, m, n) stack: torch.optim.Muon's
+    iteration, batched. Returns a new bfloat16 stack.
+
+    torch's iterates on the transpose of a tall matrix (so that the Gram matrix is the smaller one);
+    here a tall stack is iterated as it stands with the Gram matrix on the other side, X^T X, and
+    X B for B X^T: the transpose of the same products, without copying the stack into the other layout."""
     a, b, c = coefficients
+    tall = x.size(-2) > x.size(-1)
     x = x.to(torch.bfloat16)
     x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp_(min=eps)  # spectral norm <= 1
     for _ in range(steps):
-        gram = torch.bmm(x, x.mT)                                    # (k, m, m)
-        gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
-        x = torch.baddbmm(x, gram_update, x, beta=a)                 # a X + (b A + c A^2) X
+        gram = torch.bmm(x.mT, x) if tall else torch.bmm(x, x.mT)        # the smaller Gram matrix
+        gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)    # b A + c A^2 (symmetric)
+        x = torch.baddbmm(x, x, gram_update, beta=a) if tall else torch.baddbmm(x, gram_update, x, beta=a)
     return x
 
 
@@ -121,16 +126,14 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_lerp_(bufs, grads, 1 - momentum)
         updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
 
-        rows, cols = params[0].shape
-        tall = rows > cols  # orthogonalised as its transpose (m <= n: the Gram matrix is the smaller one)
-        stack = torch.empty((len(params), min(rows, cols), max(rows, cols)), dtype=torch.bfloat16,
-                            device=params[0].device)
-        torch.stack([u.mT for u in updates] if tall else updates, out=stack)  # one copy, cast to bfloat16
+        stack = torch.empty((len(params), *params[0].shape), dtype=torch.bfloat16, device=params[0].device)
+        torch.stack(updates, out=stack)  # one copy, cast to bfloat16
         ortho = orthogonalize(stack, group["ns_coefficients"], group["ns_steps"], group["eps"])
+        ortho = ortho.to(params[0].dtype)  # torch adds the bf16 update to the weights in their dtype too
         if skip is not None:
-            ortho.masked_fill_(skip, 0.0)
+            ortho.mul_(torch.where(skip, 0.0, 1.0))  # exact either way, and finite (see above)
         if weight_decay != 0:
             decay = 1 - lr * weight_decay
             torch._foreach_mul_(params, decay if skip is None else torch.where(skip, 1.0, decay))
-        torch._foreach_add_(params, list((ortho.mT if tall else ortho).unbind(0)),
+        torch._foreach_add_(params, list(ortho.unbind(0)),
                             alpha=-adjusted_lr(lr, group["adjust_lr_fn"], params[0].shape))
