@@ -65,6 +65,14 @@ for _ in range(args["steps"]):
     step()
     times.append(time.perf_counter() - t)
 out = {"best_s": min(times), "loss": float(step())}
+a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+gemm = []
+for _ in range(6):  # this dtype's matmul rate in the same process and minute: what the step is measured against
+    t = time.perf_counter()
+    a @ b
+    gemm.append(time.perf_counter() - t)
+out["gemm_flops"] = 2 * 2048**3 / min(gemm[1:])
+out["flops_per_token"] = model.flops_per_token()
 for line in open("/proc/self/status"):
     if line.startswith("VmHWM:"):  # the process's peak RSS: model, optimizer state, the step's activations
         out["peak_rss"] = int(line.split()[1]) * 1024
@@ -123,6 +131,8 @@ def main() -> None:
         trees = {"baseline": extract(args.baseline, Path(tmp)), "today": REPO / "src"}
         results: dict[tuple[str, str], list[float]] = {}
         rss: dict[tuple[str, str], list[int]] = {}
+        gemm: dict[str, list[float]] = {}
+        flops_per_token = 0.0
         profiles: dict[tuple[str, str], list] = {}
         for dtype in args.dtypes.split(","):
             for rep in range(args.repeats):
@@ -130,11 +140,13 @@ def main() -> None:
                     r = measure(src, dtype, args.steps, args.warmup, profile=12 if rep == 0 else 0)
                     results.setdefault((name, dtype), []).append(r["best_s"])
                     rss.setdefault((name, dtype), []).append(r.get("peak_rss", 0))
+                    gemm.setdefault(dtype, []).append(r["gemm_flops"])
+                    flops_per_token = r["flops_per_token"]
                     if "profile" in r:
                         profiles[(name, dtype)] = r["profile"]
                     print(f"{dtype:9s} {name:8s} step {r['best_s']:.3f} s ({tokens / r['best_s']:,.0f} tokens/s), "
                           f"loss {r['loss']:.4f}, peak RSS {r.get('peak_rss', 0) / 1e6:,.0f} MB", flush=True)
-    lines = ["## CPU training step: today against the start of this wave", "",
+    lines = [f"## CPU training step: today against {args.baseline}", "",
              f"`python benchmarks/cpu_step.py --baseline {args.baseline}`: the GPT-2-vocabulary model "
              "(6 layers, 384 wide, context 256, batch 8) through the trainer's step, each tree in fresh "
              f"processes, alternating; the median over {args.repeats} processes of each one's best of "
@@ -148,6 +160,15 @@ def main() -> None:
         lines.append(f"| {dtype} | {tokens / base:,.0f} | {tokens / today:,.0f} | {base / today:.2f}x | "
                      f"{peaks[0]:,.0f} MB | {peaks[1]:,.0f} MB |")
         print(f"{dtype}: today / baseline = {base / today:.2f}x", flush=True)
+    lines.append("")
+    lines += [f"The step against the matmul rate of the same processes (a 2048x2048 matmul, median over them; "
+              f"the model's {flops_per_token / 1e6:.1f} MFLOP per token, forward and backward):", "",
+              "| dtype | GEMM GFLOP/s | tokens/s at the GEMM rate | today's share of it |", "|---|---:|---:|---:|"]
+    for dtype in args.dtypes.split(","):
+        rate = statistics.median(gemm[dtype])
+        at_gemm = rate / flops_per_token
+        today = tokens / statistics.median(results[("today", dtype)])
+        lines.append(f"| {dtype} | {rate / 1e9:,.0f} | {at_gemm:,.0f} | {today / at_gemm:.0%} |")
     lines.append("")
     for (name, dtype), rows in sorted(profiles.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         lines += profile_table(rows, f"Profile of one {dtype} step, {name} (torch.profiler, self CPU time)")
