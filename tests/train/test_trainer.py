@@ -388,10 +388,12 @@ def test_steps_between_log_steps_never_read_back_to_the_host(tiny_config, tmp_pa
     assert synced == [1, 5, 6, 10, 12]
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_a_non_finite_update_is_skipped_on_the_device_and_reported_at_the_next_log_step(tiny_config, tmp_path,
-                                                                                         monkeypatch):
+                                                                                         monkeypatch, optimizer):
     """Between log steps the check stays on the device: the bad update is not applied, the run goes on
-    to the next log step, then stops naming the step where it happened."""
+    to the next log step, then stops naming the step where it happened (fused AdamW, or Muon + AdamW:
+    both take the flag as found_inf)."""
     real_clip = torch.nn.utils.clip_grad_norm_
     calls = []
 
@@ -401,8 +403,9 @@ def test_a_non_finite_update_is_skipped_on_the_device_and_reported_at_the_next_l
         return torch.full_like(norm, float("inf")) if len(calls) == 3 else norm
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_inf_at_3)
-    trainer = Trainer(tiny_config("train.max_steps=20", "train.log_every=8", "train.checkpoint_every=100"),
-                      tmp_path / "run")
+    trainer = Trainer(tiny_config("train.max_steps=20", "train.log_every=8", "train.checkpoint_every=100",
+                                  f"optim.name={optimizer}"), tmp_path / "run")
+    assert trainer.optimizer._step_supports_amp_scaling  # the flag stays on the device
     weights = {}
     real_step_unless = Trainer._step_unless
 
