@@ -8,8 +8,10 @@ The model is the GPT-2-vocabulary one of docs/benchmarks.md's throughput table (
 step (configure_optimizer's AdamW, autocast, clipping). The baseline's `src/` is extracted with `git
 archive` into a temporary directory; each measurement is a fresh process importing one of the two
 trees, and the two alternate (A B A B ...) so that a machine whose speed drifts treats both alike.
-The table gives the best step of each process (median over processes) and the ratio; a torch.profiler
-table of one step (the ops with the most self time) shows where the time goes, before and after.
+The table gives the best step of each process (median over processes) and the ratio, and each
+process's peak RSS (VmHWM: torch, the model, AdamW's state and the step's largest moment; the highest over
+processes); a torch.profiler table of one step (the ops with the most self time) shows where the time
+goes, before and after.
 Writes the `<!-- bench:cpu_step -->` section of docs/benchmarks.md, naming the machine.
 """
 
@@ -63,6 +65,17 @@ for _ in range(args["steps"]):
     step()
     times.append(time.perf_counter() - t)
 out = {"best_s": min(times), "loss": float(step())}
+a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+gemm = []
+for _ in range(6):  # this dtype's matmul rate in the same process and minute: what the step is measured against
+    t = time.perf_counter()
+    a @ b
+    gemm.append(time.perf_counter() - t)
+out["gemm_flops"] = 2 * 2048**3 / min(gemm[1:])
+out["flops_per_token"] = model.flops_per_token()
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):  # the process's peak RSS: model, optimizer state, the step's activations
+        out["peak_rss"] = int(line.split()[1]) * 1024
 if args["profile"]:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -117,27 +130,45 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"baseline": extract(args.baseline, Path(tmp)), "today": REPO / "src"}
         results: dict[tuple[str, str], list[float]] = {}
+        rss: dict[tuple[str, str], list[int]] = {}
+        gemm: dict[str, list[float]] = {}
+        flops_per_token = 0.0
         profiles: dict[tuple[str, str], list] = {}
         for dtype in args.dtypes.split(","):
             for rep in range(args.repeats):
                 for name, src in trees.items():
                     r = measure(src, dtype, args.steps, args.warmup, profile=12 if rep == 0 else 0)
                     results.setdefault((name, dtype), []).append(r["best_s"])
+                    rss.setdefault((name, dtype), []).append(r.get("peak_rss", 0))
+                    gemm.setdefault(dtype, []).append(r["gemm_flops"])
+                    flops_per_token = r["flops_per_token"]
                     if "profile" in r:
                         profiles[(name, dtype)] = r["profile"]
                     print(f"{dtype:9s} {name:8s} step {r['best_s']:.3f} s ({tokens / r['best_s']:,.0f} tokens/s), "
-                          f"loss {r['loss']:.4f}", flush=True)
-    lines = ["## CPU training step: today against the start of this wave", "",
+                          f"loss {r['loss']:.4f}, peak RSS {r.get('peak_rss', 0) / 1e6:,.0f} MB", flush=True)
+    lines = [f"## CPU training step: today against {args.baseline}", "",
              f"`python benchmarks/cpu_step.py --baseline {args.baseline}`: the GPT-2-vocabulary model "
              "(6 layers, 384 wide, context 256, batch 8) through the trainer's step, each tree in fresh "
              f"processes, alternating; the median over {args.repeats} processes of each one's best of "
              f"{args.steps} steps.", "", f"Machine: {machine}", "",
-             "| dtype | baseline tokens/s | today tokens/s | today / baseline |", "|---|---:|---:|---:|"]
+             "| dtype | baseline tokens/s | today tokens/s | today / baseline | baseline peak RSS | today peak RSS |",
+             "|---|---:|---:|---:|---:|---:|"]
     for dtype in args.dtypes.split(","):
         base = statistics.median(results[("baseline", dtype)])
         today = statistics.median(results[("today", dtype)])
-        lines.append(f"| {dtype} | {tokens / base:,.0f} | {tokens / today:,.0f} | {base / today:.2f}x |")
+        peaks = [max(rss[(name, dtype)]) / 1e6 for name in ("baseline", "today")]
+        lines.append(f"| {dtype} | {tokens / base:,.0f} | {tokens / today:,.0f} | {base / today:.2f}x | "
+                     f"{peaks[0]:,.0f} MB | {peaks[1]:,.0f} MB |")
         print(f"{dtype}: today / baseline = {base / today:.2f}x", flush=True)
+    lines.append("")
+    lines += [f"The step against the matmul rate of the same processes (a 2048x2048 matmul, median over them; "
+              f"the model's {flops_per_token / 1e6:.1f} MFLOP per token, forward and backward):", "",
+              "| dtype | GEMM GFLOP/s | tokens/s at the GEMM rate | today's share of it |", "|---|---:|---:|---:|"]
+    for dtype in args.dtypes.split(","):
+        rate = statistics.median(gemm[dtype])
+        at_gemm = rate / flops_per_token
+        today = tokens / statistics.median(results[("today", dtype)])
+        lines.append(f"| {dtype} | {rate / 1e9:,.0f} | {at_gemm:,.0f} | {today / at_gemm:.0%} |")
     lines.append("")
     for (name, dtype), rows in sorted(profiles.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         lines += profile_table(rows, f"Profile of one {dtype} step, {name} (torch.profiler, self CPU time)")

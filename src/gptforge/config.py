@@ -131,7 +131,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    """"adamw" for every parameter, or "muon": torch.optim.Muon on the blocks' 2-D weights, AdamW on the rest."""
+    """"adamw" for every parameter, or "muon": Muon (train/muon.py) on the blocks' 2-D weights, AdamW on the rest."""
     lr: float = 6e-4
     """Peak learning rate (reached at the end of warm-up); with "muon", the AdamW part's."""
     muon_lr: float = 0.02

@@ -249,8 +249,11 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
                 logits = x_s @ wc.t()  # (n, Vp) in the compute dtype
                 if logits.size(1) > vocab_size:
                     logits[:, vocab_size:] = float("-inf")
+                # The CPU and CUDA (log-)softmax kernels read a row before writing it, so there the
+                # result overwrites the logits: one chunk-sized tensor, the step's largest, not two.
+                out = logits if logits.device.type in ("cpu", "cuda") else torch.empty_like(logits)
                 if compute_dtype == torch.float32:
-                    probs = torch.log_softmax(logits, dim=-1)  # (n, Vp) log-probabilities, for now
+                    probs = torch.ops.aten._log_softmax.out(logits, -1, False, out=out)  # log-probs, for now
                     row_loss = -probs.gather(1, t).squeeze(1)
                     probs = probs.exp_() if need_grad else probs  # softmax in place
                 else:
@@ -259,9 +262,9 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
                     # times the bytes and was most of a CPU bf16 step. The loss needs one float32 per
                     # row: log-sum-exp = max logit - log(max probability), which never underflows
                     # (max probability >= 1/vocab), to the precision of the 16-bit logits themselves.
-                    probs = torch.softmax(logits, dim=-1)  # (n, Vp)
-                    lse = logits.amax(-1).float() - probs.amax(-1).float().log()  # (n,)
-                    row_loss = lse - logits.gather(1, t).squeeze(1).float()
+                    top, target = logits.amax(-1).float(), logits.gather(1, t).squeeze(1).float()  # (n,)
+                    probs = torch.ops.aten._softmax.out(logits, -1, False, out=out)  # (n, Vp)
+                    row_loss = top - probs.amax(-1).float().log() - target
                 del logits
                 loss_sum += (row_loss * ok).sum()
                 if need_grad:
@@ -281,8 +284,12 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
                     grad_x[s : s + chunk] = (grad @ wc) * okf
                     if compute_dtype == torch.float32:
                         grad_w.addmm_(grad.t(), x_s * okf)
-                    else:  # no mixed-dtype addmm on every device: a bf16 product, summed in fp32
-                        grad_w += (grad.t() @ (x_s * okf)).float()
+                    else:  # no mixed-dtype addmm on every device: bf16 products summed in float32, a
+                        # slice of the vocabulary at a time (the whole product and its float32 copy
+                        # were 1.5x grad_w on top of the chunk: the step's peak memory)
+                        xo = x_s * okf
+                        for v in range(0, grad.size(1), 8192):
+                            grad_w[v : v + 8192] += grad[:, v : v + 8192].t() @ xo
                 del probs
             # 0/0 = nan when every target is ignored, as F.cross_entropy gives.
             n_valid = valid.sum().to(torch.float32)

@@ -179,6 +179,54 @@ def test_fused_adamw_steps_on_cuda():
     assert state["exp_avg"].device.type == "cuda"
 
 
+def test_muon_steps_without_a_host_sync_and_skips_on_the_device():
+    """MuonAdamW's update (batched Muon + fused AdamW) under CUDA's sync debug mode "error": with the
+    trainer's found_inf flag it never waits for the GPU; found_inf = 1 leaves weights and both
+    optimizers' state bit-identical; the Muon part follows torch.optim.Muon on the same gradients."""
+    from gptforge.config import OptimConfig
+    from gptforge.train.optim import MuonAdamW, configure_optimizer, muon_params, set_lr
+
+    model, reference = tiny_gpt().to(DEVICE), tiny_gpt().to(DEVICE)
+    cfg = OptimConfig(name="muon", lr=1e-3, muon_weight_decay=0.1)
+    opt = configure_optimizer(model, cfg, DEVICE)
+    assert isinstance(opt, MuonAdamW) and opt._step_supports_amp_scaling
+    # The same pair with PyTorch's own Muon (one matrix at a time, its flag-less step) and the same AdamW.
+    ref = MuonAdamW(torch.optim.Muon(muon_params(reference), lr=0.02, momentum=0.95, weight_decay=0.1),
+                    configure_optimizer(reference, cfg, DEVICE).adamw)
+    x, y = (t.to(DEVICE) for t in batch())
+
+    def step(found_inf: float, poison: bool = False) -> None:
+        for m in (model, reference):
+            m.zero_grad(set_to_none=True)
+            m(x, y)[1].backward()
+        if poison:
+            next(iter(muon_params(model))).grad.fill_(float("nan"))
+        flag = torch.full((), found_inf, device=DEVICE)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            set_lr(opt, 1e-3)
+            opt.found_inf, opt.grad_scale = flag, None
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            del opt.found_inf, opt.grad_scale
+        if found_inf == 0:
+            ref.step()  # its learning rates are the construction's, the ones set_lr gives opt
+
+    for _ in range(3):
+        step(0.0)
+    for p, q in zip(muon_params(model), muon_params(reference), strict=True):
+        # bf16 Newton-Schulz: batched and per-matrix matmuls may round differently (~0.4% of an update)
+        torch.testing.assert_close(p, q, rtol=0, atol=3 * 0.02 * 2e-2)
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    step(1.0, poison=True)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    for p, s in opt.state.items():
+        assert all(torch.equal(v, state[id(p)][k]) for k, v in s.items())
+
+
 # ------------------------------------------------------------------------------------------ attention
 
 
@@ -297,9 +345,11 @@ def test_resume_on_cuda_continues_with_the_same_losses(config, tmp_path):
         assert twice[step] == pytest.approx(once[step], rel=BF16_REL), f"step {step}"
 
 
-def test_updates_between_log_steps_never_wait_for_the_gpu(config, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_updates_between_log_steps_never_wait_for_the_gpu(config, tmp_path, monkeypatch, optimizer):
     """CUDA's sync debug mode turns any host synchronisation into an error: none happens inside an
-    update (train_step) or the non-finite watch, in bf16 with the fused AdamW and prefetched batches."""
+    update (train_step) or the non-finite watch, in bf16 with the fused AdamW (or batched Muon + fused
+    AdamW) and prefetched batches."""
     from gptforge.train.trainer import Trainer, train
 
     def strict(method):
@@ -317,5 +367,5 @@ def test_updates_between_log_steps_never_wait_for_the_gpu(config, tmp_path, monk
     strict("train_step")
     strict("_watch_finite")
     result = train(config("train.dtype=bfloat16", "train.max_steps=12", "train.log_every=6",
-                          "train.grad_accum_steps=2"), tmp_path / "run")
+                          "train.grad_accum_steps=2", f"optim.name={optimizer}"), tmp_path / "run")
     assert result.step == 12 and math.isfinite(result.train_loss)

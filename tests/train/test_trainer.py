@@ -389,10 +389,12 @@ def test_steps_between_log_steps_never_read_back_to_the_host(tiny_config, tmp_pa
     assert synced == [1, 5, 6, 10, 12]
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_a_non_finite_update_is_skipped_on_the_device_and_reported_at_the_next_log_step(tiny_config, tmp_path,
-                                                                                         monkeypatch):
+                                                                                         monkeypatch, optimizer):
     """Between log steps the check stays on the device: the bad update is not applied, the run goes on
-    to the next log step, then stops naming the step where it happened."""
+    to the next log step, then stops naming the step where it happened (fused AdamW, or Muon + AdamW:
+    both take the flag as found_inf)."""
     real_clip = torch.nn.utils.clip_grad_norm_
     calls = []
 
@@ -402,8 +404,9 @@ def test_a_non_finite_update_is_skipped_on_the_device_and_reported_at_the_next_l
         return torch.full_like(norm, float("inf")) if len(calls) == 3 else norm
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_inf_at_3)
-    trainer = Trainer(tiny_config("train.max_steps=20", "train.log_every=8", "train.checkpoint_every=100"),
-                      tmp_path / "run")
+    trainer = Trainer(tiny_config("train.max_steps=20", "train.log_every=8", "train.checkpoint_every=100",
+                                  f"optim.name={optimizer}"), tmp_path / "run")
+    assert trainer.optimizer._step_supports_amp_scaling  # the flag stays on the device
     weights = {}
     real_step_unless = Trainer._step_unless
 
@@ -444,6 +447,7 @@ def test_compile_warm_up_is_reported_apart(tiny_config, tmp_path, read_metrics):
 def test_muon_trains_checkpoints_and_resumes_exactly(tiny_config, tmp_path, read_metrics):
     """optim.name = muon: PyTorch's Muon on the blocks' matrices, AdamW on the rest, each with its own
     LR under one schedule; its state (both parts) is in the checkpoint, so resume is exact."""
+    from gptforge.train.muon import Muon
     from gptforge.train.optim import MuonAdamW, muon_params, set_lr
 
     common = ("optim.name=muon", "optim.muon_lr=0.02", "model.dropout=0.1", "optim.decay_steps=30",
@@ -460,7 +464,7 @@ def test_muon_trains_checkpoints_and_resumes_exactly(tiny_config, tmp_path, read
 
     trainer = Trainer(tiny_config("train.max_steps=1", *common), tmp_path / "look")
     opt = trainer.optimizer
-    assert isinstance(opt, MuonAdamW) and isinstance(opt.muon, torch.optim.Muon)
+    assert isinstance(opt, MuonAdamW) and isinstance(opt.muon, Muon)
     hidden = {id(p) for p in muon_params(trainer.raw_model)}
     assert {id(p) for g in opt.muon.param_groups for p in g["params"]} == hidden
     assert trainer.raw_model.transformer.wte.weight in [p for g in opt.adamw.param_groups for p in g["params"]]

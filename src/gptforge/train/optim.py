@@ -3,10 +3,10 @@
     opt = configure_optimizer(model, cfg.optim, device)
     set_lr(opt, lr_at(step, cfg.optim, total_steps))     # once per optimizer update
 
-`optim.name = "muon"`: PyTorch's torch.optim.Muon (Newton-Schulz orthogonalised momentum) on the
-transformer blocks' 2-D weights, and AdamW on what Muon is not meant for: the token and position
-embeddings, the LM head, biases and LayerNorm gains. Each part has its own peak learning rate
-(`optim.muon_lr`, `optim.lr`); the schedule scales both by the same factor.
+`optim.name = "muon"`: Muon (Newton-Schulz orthogonalised momentum: train/muon.py, torch.optim.Muon's
+update, batched) on the transformer blocks' 2-D weights, and AdamW on what Muon is not meant for: the
+token and position embeddings, the LM head, biases and LayerNorm gains. Each part has its own peak
+learning rate (`optim.muon_lr`, `optim.lr`); the schedule scales both by the same factor.
 
 Weight decay goes to every parameter with >= 2 dimensions: the linear layers' weights and, as in
 nanoGPT, the token and position embeddings (they are matrices too). Biases and LayerNorm gains
@@ -21,7 +21,7 @@ import math
 import torch
 
 from gptforge.config import OptimConfig
-from gptforge.errors import GptforgeError
+from gptforge.train.muon import Muon
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -43,13 +43,10 @@ def configure_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.
     """AdamW over param_groups() (fused where the device supports it and cfg.fused is set), or for
     cfg.name == "muon" a MuonAdamW: Muon on the blocks' matrices, AdamW on the rest."""
     if cfg.name == "muon":
-        if not hasattr(torch.optim, "Muon"):
-            raise GptforgeError(f"optim.name = 'muon' needs torch.optim.Muon (PyTorch 2.9 or newer; this is "
-                                f"{torch.__version__}); upgrade torch or use optim.name = 'adamw'")
         hidden = muon_params(model)
         ids = {id(p) for p in hidden}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-        muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+        muon = Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
                                 weight_decay=cfg.muon_weight_decay)
         for group in muon.param_groups:
             group["lr_scale"] = cfg.muon_lr / cfg.lr
@@ -79,10 +76,18 @@ def muon_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 class MuonAdamW:
     """Muon and AdamW stepped as one optimizer: what the trainer, GradScaler and checkpoints need of
-    torch.optim.Optimizer (param_groups, step, zero_grad, state_dict, load_state_dict)."""
+    torch.optim.Optimizer (param_groups, step, zero_grad, state_dict, load_state_dict).
+
+    Where both parts skip an update on the device (Muon always, AdamW when fused), so does the pair:
+    `_step_supports_amp_scaling` is then true and step() hands the `found_inf` / `grad_scale` that
+    GradScaler or the trainer set on it to both parts, so no flag is read back to the host."""
 
     def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
         self.muon, self.adamw = muon, adamw
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        return all(getattr(opt, "_step_supports_amp_scaling", False) for opt in (self.muon, self.adamw))
 
     @property
     def param_groups(self) -> list[dict]:
@@ -93,8 +98,15 @@ class MuonAdamW:
         return {**self.muon.state, **self.adamw.state}
 
     def step(self) -> None:
-        self.muon.step()
-        self.adamw.step()
+        flags = {k: getattr(self, k) for k in ("found_inf", "grad_scale") if hasattr(self, k)}
+        for opt in (self.muon, self.adamw):
+            for k, v in flags.items():
+                setattr(opt, k, v)
+            try:
+                opt.step()
+            finally:
+                for k in flags:
+                    delattr(opt, k)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.muon.zero_grad(set_to_none=set_to_none)
