@@ -747,9 +747,11 @@ def prepare(
     # val_tokens, when given, decides the split alone: the fraction must not change the cache key.
     val_fraction = float(val_fraction) if val_tokens is None else None
     given = tokenizer if isinstance(tokenizer, Tokenizer) else None
+    gpt2 = None
     if given is not None and given.spec == "gpt2":
-        # GPT-2's BPE is fixed, so a GPT-2 tokenizer object keys the cache like the name "gpt2".
-        given, tokenizer = None, "gpt2"
+        # GPT-2's BPE is fixed, so a GPT-2 tokenizer object keys the cache like the name "gpt2"; it is
+        # still the one used, so a run's own copy of the ranks needs no data directory or network.
+        gpt2, given, tokenizer = given, None, "gpt2"
     spec = given.spec if given is not None else check_spec(tokenizer)
     if bpe_vocab_size is not None and spec != "bpe":
         raise GptforgeError(f"a bpe vocabulary size only applies to --tokenizer bpe, not {spec!r}")
@@ -787,9 +789,9 @@ def prepare(
             if workers is None:
                 small = stream.total_bytes < _IN_PROCESS_BYTES and all(s.kind != "hub" for s in stream.sources)
                 workers = 0 if small else min(os.cpu_count() or 1, 8)
-            found = _prepare_new(stream, d, out is not None, key, spec, given, requested_vocab, sample, expect,
-                                 val_fraction, val_tokens, block_size, shard_tokens or SHARD_TOKENS, workers,
-                                 progress)
+            found = _prepare_new(stream, d, out is not None, key, spec, given or gpt2, requested_vocab, sample,
+                                 expect, val_fraction, val_tokens, block_size, shard_tokens or SHARD_TOKENS,
+                                 workers, progress)
         else:
             n_val = found.meta["val_tokens"] if val_fraction or val_tokens else None
             _check_length(found.meta["train_tokens"], n_val, block_size, f"corpus {stream.name!r}")
