@@ -531,3 +531,62 @@ def test_a_corpus_object_prepares_like_its_file(tmp_path):
     assert from_memory.train.tolist() == from_file.train.tolist() and from_memory.val.tolist() == from_file.val.tolist()
     assert from_memory.meta["source_sha256"] == from_file.meta["source_sha256"]
     assert from_memory.meta["sources"] == from_file.meta["sources"] == [str(src)]
+
+
+def _split_then_merged(tmp_path):
+    """texts/a.txt + texts/b.txt, and a function that rewrites them as texts/a.txt alone holding the same
+    text, joined with the newline the text corpus puts between two files."""
+    d = tmp_path / "texts"
+    d.mkdir(parents=True)
+    first, second = "First Citizen: we are accounted poor citizens. " * 8, "MENENIUS: what work's afoot? " * 8
+    (d / "a.txt").write_text(first, encoding="utf-8")
+    (d / "b.txt").write_text(second, encoding="utf-8")
+
+    def merge():
+        (d / "a.txt").write_text(first + "\n" + second, encoding="utf-8")
+        (d / "b.txt").unlink()
+
+    return d, merge
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "char"])
+def test_merged_files_are_not_the_split_files(tmp_path, data_dir, tokenizer):
+    """Two files are two documents (an end-of-text token between them with gpt2): the same text as one
+    file is another corpus, never served the two-file tokens, and its meta lists only the file there is."""
+    d, merge = _split_then_merged(tmp_path)
+    two = prepare(str(d), tokenizer=tokenizer, val_fraction=0, block_size=8)
+    assert two.meta["documents"] == 2 and len(two.meta["sources"]) == 2
+    merge()
+    one = prepare(str(d), tokenizer=tokenizer, val_fraction=0, block_size=8)
+    assert not one.reused and one.dir != two.dir
+    assert one.meta["documents"] == 1 and one.meta["sources"] == [str((d / "a.txt").resolve())]
+    assert one.train.tolist() == one.tokenizer.encode((d / "a.txt").read_text(encoding="utf-8"))
+    if tokenizer == "gpt2":
+        assert two.train.tolist().count(50256) == 1 and 50256 not in one.train.tolist()
+    # The same in a directory of your choice (--out), which has no key in its name.
+    out = tmp_path / "out"
+    d2, merge2 = _split_then_merged(tmp_path / "again")
+    prepare(str(d2), tokenizer=tokenizer, val_fraction=0, block_size=8, out=out)
+    merge2()
+    again = prepare(str(d2), tokenizer=tokenizer, val_fraction=0, block_size=8, out=out)
+    assert not again.reused and again.meta["documents"] == 1 and len(again.meta["sources"]) == 1
+
+
+def test_the_sources_listed_are_the_sources_read(tmp_path):
+    """A file renamed (same bytes) is prepared again, so meta.json never names a file that is gone."""
+    d = tmp_path / "texts"
+    d.mkdir()
+    (d / "a.txt").write_text("to be or not to be " * 50, encoding="utf-8")
+    first = prepare(str(d), tokenizer="char", block_size=8)
+    (d / "a.txt").rename(d / "c.txt")
+    second = prepare(str(d), tokenizer="char", block_size=8)
+    assert not second.reused and second.meta["sources"] == [str((d / "c.txt").resolve())]
+    assert second.train.tolist() == first.train.tolist()
+    # A relative path names the same file as its absolute path: the same cache entry.
+    import os
+
+    os.chdir(tmp_path)
+    try:
+        assert prepare("texts", tokenizer="char", block_size=8).dir == second.dir
+    finally:
+        os.chdir("/")

@@ -765,7 +765,8 @@ def prepare(
     try:
         fingerprint = _fingerprint(given) if given is not None else None
         requested_vocab = bpe_vocab_size if spec == "bpe" and given is None else None
-        options = {"text_field": text_field, "requested_val_tokens": val_tokens,
+        # The sources listed key the data too: meta.json never names a file that is not what was read.
+        options = {"text_field": text_field, "requested_val_tokens": val_tokens, "sources": stream.names,
                    "bpe_sample_bytes": sample if spec == "bpe" and given is None else None}
         key = _cache_key(stream.name, stream.sha256, spec, requested_vocab, val_fraction, fingerprint, options)
         d = Path(out).expanduser() if out is not None else cache_dir() / "tokens" / key
