@@ -590,3 +590,76 @@ def test_the_sources_listed_are_the_sources_read(tmp_path):
         assert prepare("texts", tokenizer="char", block_size=8).dir == second.dir
     finally:
         os.chdir("/")
+
+
+def _lie_in_header(field: str, value):
+    def damage(d):
+        p = d / "shards" / "00000.bin"
+        raw = bytearray(p.read_bytes())
+        magic, version, code, count = struct.unpack("<8sIIQ", raw[:24])
+        fields = {"magic": magic, "version": version, "code": code, "count": count}
+        fields[field] = value(fields[field]) if callable(value) else value
+        if field == "code" and fields["code"] == 4:  # a header that lies consistently: the size still fits
+            fields["count"] //= 2
+        raw[:24] = struct.pack("<8sIIQ", fields["magic"], fields["version"], fields["code"], fields["count"])
+        p.write_bytes(bytes(raw))
+    return damage
+
+
+def _lie_in_meta(change):
+    def damage(d):
+        meta = json.loads((d / "meta.json").read_text())
+        change(meta)
+        (d / "meta.json").write_text(json.dumps(meta))
+    return damage
+
+
+def _truncate(n):
+    def damage(d):
+        p = d / "shards" / "00000.bin"
+        p.write_bytes(p.read_bytes()[:n])
+    return damage
+
+
+DAMAGE = {
+    "truncated in the header": (_truncate(20), "00000.bin is truncated"),
+    "truncated in the tokens": (_truncate(-3), r"00000.bin is damaged \(\d+ bytes for 3800 tokens\)"),
+    "count too large": (_lie_in_header("count", lambda c: c + 1), "00000.bin is damaged"),
+    "count too small": (_lie_in_header("count", lambda c: c - 1), "00000.bin is damaged"),
+    "dtype and count": (_lie_in_header("code", 4), "00000.bin holds 1,900 tokens, meta.json says 3,800"),
+    "unknown dtype": (_lie_in_header("code", 3), "00000.bin has format 1/dtype 3"),
+    "other version": (_lie_in_header("version", 9), "00000.bin has format 9/dtype 2"),
+    "magic": (_lie_in_header("magic", b"NOTTOKS\x00"), "00000.bin is not a gptforge token file"),
+    "meta: shard count": (_lie_in_meta(lambda m: m["shards"][0].update(tokens=3000)),
+                          "meta.json is damaged .it says 3,800 tokens, its shards 3,000"),
+    "meta: total": (_lie_in_meta(lambda m: m.update(tokens=3805)), "meta.json is damaged .it says 3,805 tokens"),
+    "meta: train beyond the end": (_lie_in_meta(lambda m: m.update(train_tokens=3805)),
+                                   "meta.json is damaged .its 3,805 train"),
+    "meta: validation": (_lie_in_meta(lambda m: m.update(val_tokens=400)), "meta.json is damaged .its 3,420 train"),
+    "meta: dtype": (_lie_in_meta(lambda m: m.update(dtype="uint32")), "meta.json is damaged .its dtype 'uint32'"),
+    "meta: vocabulary": (_lie_in_meta(lambda m: m.update(vocab_size=99)), "meta.json says a char vocabulary of 99"),
+    "meta: shard entry": (_lie_in_meta(lambda m: m["shards"][0].pop("file")), "meta.json is damaged .its list"),
+    "meta: shards": (_lie_in_meta(lambda m: m.update(shards=5)), "meta.json is damaged .its list"),
+    "meta: a count that is text": (_lie_in_meta(lambda m: m.update(train_tokens="3420")),
+                                   "meta.json is damaged .its train_tokens '3420' is not a count"),
+}
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_shard_or_meta_is_refused_never_read(tmp_path, capsys, how):
+    """Opened as it is (load_prepared), a damaged prepared directory is one error naming the file; with
+    the source at hand, prepare says so and prepares it again, with the right tokens."""
+    damage, message = DAMAGE[how]
+    src = tmp_path / "a.txt"
+    src.write_text("to be or not to be " * 200, encoding="utf-8")
+    out = tmp_path / "out"
+    good = prepare(str(src), tokenizer="char", block_size=8, out=out).train.tolist()
+    damage(out)
+    with pytest.raises(GptforgeError, match=message) as e:
+        load_prepared(out)
+    assert str(out) in str(e.value) and "\n" not in str(e.value)
+    capsys.readouterr()
+    again = prepare(str(src), tokenizer="char", block_size=8, out=out)
+    err = capsys.readouterr().err
+    assert not again.reused and again.train.tolist() == good and len(again.val) == 380
+    assert "preparing it again" in err and str(out) in err and len(err.strip().splitlines()) == 1

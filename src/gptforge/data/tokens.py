@@ -590,16 +590,53 @@ def _check_length(n_train: int, n_val: int | None, block_size: int | None, where
         )
 
 
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """What makes a meta.json's index unusable (a damaged or hand-edited file), or None."""
+    shards = meta.get("shards")
+    if not isinstance(shards, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("file"), str) and _is_count(e.get("tokens")) for e in shards):
+        return "its list of shards is damaged"
+    for k in ("tokens", "train_tokens", "val_tokens", "vocab_size"):
+        if not _is_count(meta.get(k)):
+            return f"its {k} {meta.get(k)!r} is not a count"
+    held = sum(e["tokens"] for e in shards)
+    if meta["tokens"] != held:
+        return f"it says {meta['tokens']:,} tokens, its shards {held:,}"
+    if meta["train_tokens"] + meta["val_tokens"] != meta["tokens"]:
+        return (f"its {meta['train_tokens']:,} train + {meta['val_tokens']:,} validation tokens are not its "
+                f"{meta['tokens']:,} tokens")
+    if meta.get("dtype") != dtype_for(meta["vocab_size"]).name:
+        return f"its dtype {meta.get('dtype')!r} is not the one for a vocabulary of {meta['vocab_size']:,}"
+    return None
+
+
 def _open_shards(d: Path, meta: dict) -> list[np.ndarray]:
-    """The shards named in meta.json, memory-mapped; GptforgeError naming a missing or damaged one."""
+    """The shards named in meta.json, memory-mapped; GptforgeError naming a damaged meta.json, or a
+    missing or damaged shard (one whose header disagrees with its size or with meta.json)."""
+    problem = _meta_problem(meta)
+    if problem is not None:
+        raise GptforgeError(f"{d / 'meta.json'} is damaged ({problem}); prepare the data again")
     shards = []
     for entry in meta["shards"]:
         arr = read_tokens(d / entry["file"])
         if len(arr) != entry["tokens"]:
             raise GptforgeError(f"token file {d / entry['file']} holds {len(arr):,} tokens, meta.json says "
                                 f"{entry['tokens']:,}; prepare the data again")
+        if arr.dtype.name != meta["dtype"]:
+            raise GptforgeError(f"token file {d / entry['file']} holds {arr.dtype.name} tokens, meta.json says "
+                                f"{meta['dtype']}; prepare the data again")
         shards.append(arr)
     return shards
+
+
+def _check_tokenizer(d: Path, meta: dict, tok: Tokenizer) -> None:
+    if tok.vocab_size != meta["vocab_size"] or tok.spec != meta.get("tokenizer"):
+        raise GptforgeError(f"{d / 'meta.json'} says a {meta.get('tokenizer')} vocabulary of {meta['vocab_size']:,}, "
+                            f"but {d / 'tokenizer'} is {tok.spec} with {tok.vocab_size:,}; prepare the data again")
 
 
 def load_prepared(directory: str | os.PathLike) -> Prepared:
@@ -611,6 +648,7 @@ def load_prepared(directory: str | os.PathLike) -> Prepared:
                             "format); run gptforge prepare")
     shards = _open_shards(d, meta)
     tok = load_tokenizer(d / "tokenizer")
+    _check_tokenizer(d, meta, tok)
     return _prepared(d, meta, shards, tok, reused=True)
 
 
@@ -627,18 +665,18 @@ def _load_prepared(d: Path, expect: dict) -> Prepared | None:
     meta = _read_json(d / "meta.json")
     if meta is None or any(meta.get(k) != v for k, v in expect.items()):
         return None
-    for entry in meta.get("shards", []):
-        p = d / entry["file"]
-        if p.exists() and not os.access(p, os.R_OK) or p.is_dir():
-            raise GptforgeError(f"cannot read token file {p}; check its permissions, or delete {d} and "
-                                "prepare again")
+    if _meta_problem(meta) is None:
+        for entry in meta["shards"]:
+            p = d / entry["file"]
+            if p.exists() and not os.access(p, os.R_OK) or p.is_dir():
+                raise GptforgeError(f"cannot read token file {p}; check its permissions, or delete {d} and "
+                                    "prepare again")
     try:
         shards = _open_shards(d, meta)
         tok = load_tokenizer(d / "tokenizer")
+        _check_tokenizer(d, meta, tok)
     except GptforgeError as e:
-        print(f"gptforge: {e.args[0].split(';')[0]}; preparing it again", file=sys.stderr)
-        return None
-    if tok.vocab_size != meta.get("vocab_size") or sum(len(s) for s in shards) != meta.get("tokens"):
+        print(f"gptforge: {e.args[0].split('; prepare')[0]}; preparing it again", file=sys.stderr)
         return None
     return _prepared(d, meta, shards, tok, reused=True)
 
