@@ -430,8 +430,16 @@ def _read_jsonl(path: Path, label: str, text_field: str, gz: bool):
                     if not isinstance(obj, dict) or text_field not in obj:
                         raise GptforgeError(f"{label} line {lineno} has no {text_field!r} field; name the "
                                             "field that holds the text with --text-field") from None
+                    value = obj[text_field]
+                    if isinstance(value, str) and not value.isascii():
+                        try:
+                            value.encode("utf-8")
+                        except UnicodeEncodeError as e:  # JSON may escape a lone surrogate: \ud800
+                            raise GptforgeError(f"{label} line {lineno}: {text_field!r} holds a lone surrogate "
+                                                f"(U+{ord(value[e.start]):04X}), which is not text; fix or remove "
+                                                "that line") from None
                     pos = raw.tell()
-                    yield obj[text_field], pos - last
+                    yield value, pos - last
                     last = pos
                 if raw.tell() > last:
                     yield None, raw.tell() - last  # blank lines at the end: still input read
@@ -526,6 +534,10 @@ def _read_hub(src: Source, text_field: str):
         import datasets
     except ImportError:
         raise GptforgeError("hf: corpora need the datasets package (pip install datasets)") from None
+    import logging
+
+    # huggingface_hub logs a warning per retry of a failed request: the one-line error below says it.
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     name, _, config = src.path.partition(":")
     try:
         ds = datasets.load_dataset(name, config or None, split=src.split or "train", streaming=True)
