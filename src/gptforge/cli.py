@@ -228,6 +228,9 @@ def _run_eval(args: argparse.Namespace) -> None:
 
     from gptforge.train.trainer import evaluate_run
 
+    if args.batch_size is not None and args.batch_size < 1:
+        raise GptforgeError(f"--batch-size {args.batch_size} is out of range; give a positive number of windows "
+                            "(or leave it out for the run's batch size)")
     r = evaluate_run(args.run, split=args.split, which=args.checkpoint, device=args.device, dtype=args.dtype,
                      batch_size=args.batch_size)
     bpb = "n/a (no bytes)" if r["bpb"] is None else f"{r['bpb']:.4f}"
@@ -303,7 +306,7 @@ def _run_generate(args: argparse.Namespace) -> None:
     from gptforge.generate import check_sampling, load
 
     # Check the settings before loading the model, so a typo fails fast.
-    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.num_samples)
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.num_samples, args.seed)
     prompt = args.prompt
     if args.prompt_file:
         try:
@@ -320,6 +323,9 @@ def _run_generate(args: argparse.Namespace) -> None:
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, num_samples=args.num_samples,
                     stop_at_eot=args.stop_at_eot)
+    if args.stop_at_eot and getattr(gen.tokenizer, "eot_id", None) is None:
+        raise GptforgeError(f"--stop-at-eot: the {gen.tokenizer.spec} tokenizer of {gen.run_dir} has no end-of-text "
+                            "token; drop --stop-at-eot (samples run for --max-new-tokens)")
     gen.encode_prompt(prompt)  # unknown characters fail here, before anything is printed
     if args.stream:
         # The first sample is printed as it is written, the others once the batch is done.
@@ -487,8 +493,15 @@ def _run_sweep(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------- main
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but a usage error is one line, like every other gptforge error (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"gptforge: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gptforge",
         description="Train GPT-style transformers from scratch, evaluate them honestly, and sample from them.",
     )

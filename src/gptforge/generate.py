@@ -14,6 +14,7 @@ the text), so it can write any number of tokens.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -80,10 +81,11 @@ def check_sampling(
     top_p: float = 1.0,
     max_new_tokens: int = 0,
     num_samples: int = 1,
+    seed: int | None = None,
 ) -> None:
     """Raise GptforgeError for settings that have no meaning (the CLI turns it into exit 2)."""
-    if not temperature >= 0:  # also catches NaN
-        raise GptforgeError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:  # also catches NaN
+        raise GptforgeError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 0:
         raise GptforgeError(f"top-k must be >= 0 (0 = off), got {top_k}")
     if not 0 < top_p <= 1:
@@ -92,6 +94,18 @@ def check_sampling(
         raise GptforgeError(f"max new tokens must be >= 0, got {max_new_tokens}")
     if num_samples < 1:
         raise GptforgeError(f"number of samples must be >= 1, got {num_samples}")
+    if seed is not None and not -(1 << 63) <= seed < 1 << 64:
+        raise GptforgeError(f"seed {seed} does not fit in 64 bits; choose one in [-2**63, 2**64)")
+
+
+def _memory_bytes(device: torch.device) -> int | None:
+    """The memory a batch on `device` may use at most: the GPU's, else this machine's (None: unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def make_rng(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
@@ -150,7 +164,7 @@ class SamplingSettings:
     stop_at_eot: bool = False
 
     def check(self) -> SamplingSettings:
-        check_sampling(self.temperature, self.top_k, self.top_p, self.max_new_tokens, self.num_samples)
+        check_sampling(self.temperature, self.top_k, self.top_p, self.max_new_tokens, self.num_samples, self.seed)
         return self
 
 
@@ -218,8 +232,10 @@ class Generator:
         """One list of text pieces (one per sample, maybe empty) each time any sample grows."""
         use_cache = settings.pop("use_cache", True)
         s = SamplingSettings(**settings).check()
+        prompt_ids = self.encode_prompt(prompt)
+        self._check_fits(s, len(prompt_ids))
         streams = [_TextStream(self.tokenizer) for _ in range(s.num_samples)]
-        for tokens, done in self._decode_loop(self.encode_prompt(prompt), s, use_cache):
+        for tokens, done in self._decode_loop(prompt_ids, s, use_cache):
             pieces = [st.push(t) if not d else "" for st, t, d in zip(streams, tokens, done, strict=True)]
             if any(pieces):
                 yield pieces
@@ -234,12 +250,29 @@ class Generator:
     ) -> list[list[int]]:
         """New token ids for each sample (an <|endoftext|> that stopped a sample is left out)."""
         s = (settings or SamplingSettings()).check()
+        self._check_fits(s, len(prompt_ids))
         rows: list[list[int]] = [[] for _ in range(s.num_samples)]
         for tokens, done in self._decode_loop(prompt_ids, s, use_cache):
             for row, t, d in zip(rows, tokens, done, strict=True):
                 if not d:
                     row.append(t)
         return rows
+
+    def _check_fits(self, s: SamplingSettings, prompt_len: int) -> None:
+        """Refuse a batch that cannot fit in this machine's memory (e.g. --num-samples 1000000000)
+        before allocating any of it: per sample, the tokens (as a tensor and as Python ints), the KV
+        cache and a row of logits."""
+        c = self.model.config
+        weight = next(self.model.parameters())
+        per_sample = ((prompt_len + s.max_new_tokens) * 64 + 2 * c.n_layer * c.block_size * c.n_embd
+                      * weight.element_size() + c.vocab_size * 8)
+        need = s.num_samples * per_sample
+        limit = _memory_bytes(weight.device)
+        if limit and need > limit:
+            raise GptforgeError(
+                f"{s.num_samples:,} sample(s) of {prompt_len + s.max_new_tokens:,} tokens need about "
+                f"{need / 2**30:,.1f} GiB, more than the {limit / 2**30:,.1f} GiB of this {weight.device.type}; "
+                "ask for fewer --num-samples or --max-new-tokens")
 
     @torch.inference_mode()
     def _decode_loop(

@@ -87,10 +87,11 @@ def read_json(path: str | os.PathLike, hint: str = "write it again") -> dict[str
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
     """(line, record) for each JSON object of a JSON Lines file (metrics.jsonl, samples.jsonl); a line
     cut short by a kill, or anything that is not an object, is skipped."""
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for raw in Path(path).read_bytes().splitlines():
         try:
+            line = raw.decode("utf-8")
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON, or bytes a kill or a disk error left that are not even UTF-8
             continue
         if isinstance(record, dict):
             yield line, record

@@ -25,9 +25,17 @@ from gptforge.io import iter_jsonl, write_atomically
 __all__ = ["plot_run", "plot_runs", "read_metrics"]
 
 
+_NUMBERS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s", "val_loss",
+            "train_loss")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def read_metrics(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
     """RUN/metrics.jsonl as {"train": [...], "eval": [...], "event": [...]}, each sorted by step. A line cut
-    short by a kill is skipped; a step logged twice keeps its last record."""
+    short by a kill (or otherwise damaged) is skipped; a step logged twice keeps its last record."""
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
     if not run_dir.is_dir():
@@ -38,6 +46,8 @@ def read_metrics(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
     events: list[dict[str, Any]] = []
     for _, record in iter_jsonl(path):
         kind = record.get("kind")
+        if kind in by_step and any(record.get(k) is not None and not _is_number(record[k]) for k in _NUMBERS):
+            continue  # a damaged record (a number that is not one) is skipped like a damaged line
         if kind in by_step and isinstance(record.get("step"), (int, float)):
             by_step[kind][record["step"]] = record
         elif kind == "event":
@@ -85,6 +95,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, log_y: bool 
 
     update_key, train_key, val_key, ylabel = _check_metric(metric)
     run_dir = Path(run_dir)
+    out = _check_out(out if out is not None else run_dir / ("bpb.png" if metric == "bpb" else "loss.png"))
     metrics = read_metrics(run_dir)
     train, evals = metrics["train"], metrics["eval"]
     if metric == "bpb" and not any(e.get(train_key) is not None or e.get(val_key) is not None for e in evals):
@@ -139,10 +150,25 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, log_y: bool 
     fig.suptitle(f"{run_dir.resolve().name}: step {last['step']:,}"
                  + (f", {last['tokens']:,} tokens" if "tokens" in last else ""))
 
+    return _write_png(out, fig)
+
+
+def _check_out(out: str | Path) -> Path:
+    """The PNG to write, refused before any work when it cannot be one."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise GptforgeError(f"--out {out}: plots are written as PNG; give a path ending in .png")
+    if out.is_dir():
+        raise GptforgeError(f"--out {out} is a directory; give a .png file path")
+    return out
+
+
+def _write_png(out: Path, fig) -> Path:
     # A reader (or a kill) never sees half a PNG.
-    default = run_dir / ("bpb.png" if metric == "bpb" else "loss.png")
-    return write_atomically(out if out is not None else default,
-                            lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    try:
+        return write_atomically(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    except OSError as e:
+        raise GptforgeError(f"cannot write {out}: {e.strerror or e}; choose another --out") from None
 
 
 X_AXES = {"steps": "step", "tokens": "tokens", "seconds": "elapsed_s"}
@@ -211,5 +237,6 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "seconds", *, lo
               metric: str = "loss") -> Path:
     """Overlay several runs' validation curves (loss, or bits per byte with metric="bpb": runs with
     different tokenizers compare only so) against steps, tokens or seconds into the PNG `out`."""
+    out = _check_out(out)
     fig = overlay_figure(runs, x, log_y=log_y, metric=metric)
-    return write_atomically(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return _write_png(out, fig)

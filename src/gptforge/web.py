@@ -241,6 +241,32 @@ def build_app(
     return demo
 
 
+def _check_limit(max_new_tokens_limit: int) -> None:
+    if max_new_tokens_limit < 1:
+        raise GptforgeError(f"--max-new-tokens-limit must be >= 1, got {max_new_tokens_limit}")
+
+
+def _check_bind(host: str, port: int) -> None:
+    """Refuse, before loading anything, an address this machine cannot listen on (Gradio would say
+    "Cannot find empty port" for an unknown host, and raise OverflowError for a port out of range)."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise GptforgeError(f"--port {port} is not a TCP port; choose one in 1..65535 (default 7860)")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise GptforgeError(f"--host {host!r} is not an address ({getattr(e, 'strerror', None) or e}); give an "
+                            "address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server sets it
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise GptforgeError(f"cannot serve on {host}:{port} ({e.strerror or e}); pick another --port or "
+                                "--host") from None
+
+
 def serve(
     run_dir: str | os.PathLike,
     host: str = "127.0.0.1",
@@ -252,8 +278,8 @@ def serve(
     """`gptforge serve RUN`: load the run's checkpoint and serve the page until interrupted."""
     from gptforge.generate import load
 
-    if max_new_tokens_limit < 1:
-        raise GptforgeError(f"--max-new-tokens-limit must be >= 1, got {max_new_tokens_limit}")
+    _check_limit(max_new_tokens_limit)
+    _check_bind(host, port)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline server
     gen = load(run_dir, which=which, device=device)
     demo = build_app(gen, max_new_tokens_limit=max_new_tokens_limit)
@@ -261,7 +287,8 @@ def serve(
         demo.launch(server_name=host, server_port=port, ssr_mode=False, show_error=False, quiet=True,
                     prevent_thread_lock=True)
     except OSError as e:  # Gradio says so when the port is taken or the address cannot be bound
-        raise GptforgeError(f"cannot serve on {host}:{port} ({e}); pick another --port or --host") from None
+        why = " ".join(str(e).split())  # Gradio's messages run over several lines
+        raise GptforgeError(f"cannot serve on {host}:{port} ({why}); pick another --port or --host") from None
     print(f"gptforge: serving {gen.run_dir} on http://{host}:{port} (Ctrl-C stops)", flush=True)
     demo.block_thread()
 
@@ -333,6 +360,7 @@ def export_space(
     from gptforge.generate import load
     from gptforge.runs import resolve_checkpoint
 
+    _check_limit(max_new_tokens_limit)
     gen = load(run_dir, which=which, device="cpu")  # fails early on a damaged run
     run = gen.run_dir
     out = Path(out_dir)

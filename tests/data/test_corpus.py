@@ -281,10 +281,19 @@ def test_source_hashes_are_remembered_for_big_files(tmp_path, monkeypatch):
     assert corpus_mod.file_sha256(p) == hashlib.sha256(p.read_bytes()).hexdigest() != first
 
 
-def test_text_files_keep_the_hash_load_corpus_gave(tmp_path):
-    """Runs record source_sha256: text corpora keep the identity they had before streaming."""
+def test_a_text_file_keeps_its_hash_and_several_files_are_not_their_merge(tmp_path):
+    """Runs record source_sha256: one text file keeps the identity it had before streaming (its text's
+    sha256); several files hash their boundaries too, so one file holding their joined text differs."""
     (tmp_path / "a.txt").write_bytes("\ufeffno newline at the end ✓".encode())
     (tmp_path / "b.txt").write_text("second\n", encoding="utf-8")
     (tmp_path / "c.txt").write_text("third", encoding="utf-8")
-    for spec in ([str(tmp_path)], [str(tmp_path / "c.txt"), str(tmp_path / "a.txt")], [str(tmp_path / "a.txt")]):
-        assert open_corpus(spec).sha256 == load_corpus(spec).sha256
+    one = str(tmp_path / "a.txt")
+    assert open_corpus(one).sha256 == load_corpus(one).sha256 == hashlib.sha256("no newline at the end ✓"
+                                                                                 .encode()).hexdigest()
+    several = [str(tmp_path / "c.txt"), one]
+    merged = tmp_path / "merged" / "m.txt"
+    merged.parent.mkdir()
+    merged.write_text(load_corpus(several).text, encoding="utf-8")
+    assert open_corpus(several).sha256 not in (open_corpus(str(merged)).sha256, load_corpus(several).sha256)
+    assert open_corpus(several).sha256 != open_corpus(list(reversed(several))).sha256
+    assert open_corpus(str(tmp_path)).sha256 == open_corpus([one, str(tmp_path / "b.txt"), several[0]]).sha256

@@ -531,3 +531,135 @@ def test_a_corpus_object_prepares_like_its_file(tmp_path):
     assert from_memory.train.tolist() == from_file.train.tolist() and from_memory.val.tolist() == from_file.val.tolist()
     assert from_memory.meta["source_sha256"] == from_file.meta["source_sha256"]
     assert from_memory.meta["sources"] == from_file.meta["sources"] == [str(src)]
+
+
+def _split_then_merged(tmp_path):
+    """texts/a.txt + texts/b.txt, and a function that rewrites them as texts/a.txt alone holding the same
+    text, joined with the newline the text corpus puts between two files."""
+    d = tmp_path / "texts"
+    d.mkdir(parents=True)
+    first, second = "First Citizen: we are accounted poor citizens. " * 8, "MENENIUS: what work's afoot? " * 8
+    (d / "a.txt").write_text(first, encoding="utf-8")
+    (d / "b.txt").write_text(second, encoding="utf-8")
+
+    def merge():
+        (d / "a.txt").write_text(first + "\n" + second, encoding="utf-8")
+        (d / "b.txt").unlink()
+
+    return d, merge
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "char"])
+def test_merged_files_are_not_the_split_files(tmp_path, data_dir, tokenizer):
+    """Two files are two documents (an end-of-text token between them with gpt2): the same text as one
+    file is another corpus, never served the two-file tokens, and its meta lists only the file there is."""
+    d, merge = _split_then_merged(tmp_path)
+    two = prepare(str(d), tokenizer=tokenizer, val_fraction=0, block_size=8)
+    assert two.meta["documents"] == 2 and len(two.meta["sources"]) == 2
+    merge()
+    one = prepare(str(d), tokenizer=tokenizer, val_fraction=0, block_size=8)
+    assert not one.reused and one.dir != two.dir
+    assert one.meta["documents"] == 1 and one.meta["sources"] == [str((d / "a.txt").resolve())]
+    assert one.train.tolist() == one.tokenizer.encode((d / "a.txt").read_text(encoding="utf-8"))
+    if tokenizer == "gpt2":
+        assert two.train.tolist().count(50256) == 1 and 50256 not in one.train.tolist()
+    # The same in a directory of your choice (--out), which has no key in its name.
+    out = tmp_path / "out"
+    d2, merge2 = _split_then_merged(tmp_path / "again")
+    prepare(str(d2), tokenizer=tokenizer, val_fraction=0, block_size=8, out=out)
+    merge2()
+    again = prepare(str(d2), tokenizer=tokenizer, val_fraction=0, block_size=8, out=out)
+    assert not again.reused and again.meta["documents"] == 1 and len(again.meta["sources"]) == 1
+
+
+def test_the_sources_listed_are_the_sources_read(tmp_path):
+    """A file renamed (same bytes) is prepared again, so meta.json never names a file that is gone."""
+    d = tmp_path / "texts"
+    d.mkdir()
+    (d / "a.txt").write_text("to be or not to be " * 50, encoding="utf-8")
+    first = prepare(str(d), tokenizer="char", block_size=8)
+    (d / "a.txt").rename(d / "c.txt")
+    second = prepare(str(d), tokenizer="char", block_size=8)
+    assert not second.reused and second.meta["sources"] == [str((d / "c.txt").resolve())]
+    assert second.train.tolist() == first.train.tolist()
+    # A relative path names the same file as its absolute path: the same cache entry.
+    import os
+
+    os.chdir(tmp_path)
+    try:
+        assert prepare("texts", tokenizer="char", block_size=8).dir == second.dir
+    finally:
+        os.chdir("/")
+
+
+def _lie_in_header(field: str, value):
+    def damage(d):
+        p = d / "shards" / "00000.bin"
+        raw = bytearray(p.read_bytes())
+        magic, version, code, count = struct.unpack("<8sIIQ", raw[:24])
+        fields = {"magic": magic, "version": version, "code": code, "count": count}
+        fields[field] = value(fields[field]) if callable(value) else value
+        if field == "code" and fields["code"] == 4:  # a header that lies consistently: the size still fits
+            fields["count"] //= 2
+        raw[:24] = struct.pack("<8sIIQ", fields["magic"], fields["version"], fields["code"], fields["count"])
+        p.write_bytes(bytes(raw))
+    return damage
+
+
+def _lie_in_meta(change):
+    def damage(d):
+        meta = json.loads((d / "meta.json").read_text())
+        change(meta)
+        (d / "meta.json").write_text(json.dumps(meta))
+    return damage
+
+
+def _truncate(n):
+    def damage(d):
+        p = d / "shards" / "00000.bin"
+        p.write_bytes(p.read_bytes()[:n])
+    return damage
+
+
+DAMAGE = {
+    "truncated in the header": (_truncate(20), "00000.bin is truncated"),
+    "truncated in the tokens": (_truncate(-3), r"00000.bin is damaged \(\d+ bytes for 3800 tokens\)"),
+    "count too large": (_lie_in_header("count", lambda c: c + 1), "00000.bin is damaged"),
+    "count too small": (_lie_in_header("count", lambda c: c - 1), "00000.bin is damaged"),
+    "dtype and count": (_lie_in_header("code", 4), "00000.bin holds 1,900 tokens, meta.json says 3,800"),
+    "unknown dtype": (_lie_in_header("code", 3), "00000.bin has format 1/dtype 3"),
+    "other version": (_lie_in_header("version", 9), "00000.bin has format 9/dtype 2"),
+    "magic": (_lie_in_header("magic", b"NOTTOKS\x00"), "00000.bin is not a gptforge token file"),
+    "meta: shard count": (_lie_in_meta(lambda m: m["shards"][0].update(tokens=3000)),
+                          "meta.json is damaged .it says 3,800 tokens, its shards 3,000"),
+    "meta: total": (_lie_in_meta(lambda m: m.update(tokens=3805)), "meta.json is damaged .it says 3,805 tokens"),
+    "meta: train beyond the end": (_lie_in_meta(lambda m: m.update(train_tokens=3805)),
+                                   "meta.json is damaged .its 3,805 train"),
+    "meta: validation": (_lie_in_meta(lambda m: m.update(val_tokens=400)), "meta.json is damaged .its 3,420 train"),
+    "meta: dtype": (_lie_in_meta(lambda m: m.update(dtype="uint32")), "meta.json is damaged .its dtype 'uint32'"),
+    "meta: vocabulary": (_lie_in_meta(lambda m: m.update(vocab_size=99)), "meta.json says a char vocabulary of 99"),
+    "meta: shard entry": (_lie_in_meta(lambda m: m["shards"][0].pop("file")), "meta.json is damaged .its list"),
+    "meta: shards": (_lie_in_meta(lambda m: m.update(shards=5)), "meta.json is damaged .its list"),
+    "meta: a count that is text": (_lie_in_meta(lambda m: m.update(train_tokens="3420")),
+                                   "meta.json is damaged .its train_tokens '3420' is not a count"),
+}
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_shard_or_meta_is_refused_never_read(tmp_path, capsys, how):
+    """Opened as it is (load_prepared), a damaged prepared directory is one error naming the file; with
+    the source at hand, prepare says so and prepares it again, with the right tokens."""
+    damage, message = DAMAGE[how]
+    src = tmp_path / "a.txt"
+    src.write_text("to be or not to be " * 200, encoding="utf-8")
+    out = tmp_path / "out"
+    good = prepare(str(src), tokenizer="char", block_size=8, out=out).train.tolist()
+    damage(out)
+    with pytest.raises(GptforgeError, match=message) as e:
+        load_prepared(out)
+    assert str(out) in str(e.value) and "\n" not in str(e.value)
+    capsys.readouterr()
+    again = prepare(str(src), tokenizer="char", block_size=8, out=out)
+    err = capsys.readouterr().err
+    assert not again.reused and again.train.tolist() == good and len(again.val) == 380
+    assert "preparing it again" in err and str(out) in err and len(err.strip().splitlines()) == 1

@@ -1,43 +1,83 @@
-"""Two CPU processes under torchrun (gloo) train exactly like one process with the same global batch."""
+"""Two CPU processes under torchrun (gloo), on one node or as two nodes, train exactly like one process with
+the same global batch."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from gptforge.train.trainer import train
 
 
-def _clean_env() -> dict[str, str]:
+def _env() -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     return env
 
 
+def _train_cmd(launch: list[str], config: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "gptforge", "train", "--config",
+            str(config), "--out", str(out)]
+
+
 def _torchrun_two(cfg, tmp_path):
     """`gptforge train` under torchrun with two CPU (gloo) processes, into tmp_path/two; must succeed."""
     cfg.save(tmp_path / "ddp.toml")
-    env = _clean_env()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "gptforge", "train", "--config", str(tmp_path / "ddp.toml"), "--out", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = _train_cmd(["--standalone", "--nproc_per_node=2"], tmp_path / "ddp.toml", tmp_path / "two")
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_two_processes_equal_one(tiny_config, tiny_corpus, tmp_path, read_metrics, optimizer):
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun_two_nodes(cfg, tmp_path) -> str:
+    """Two torchrun launches on this machine acting as two nodes of one process each: c10d rendezvous
+    on 127.0.0.1 (node 0 hosts it, as the README's commands do), gloo, into tmp_path/two. Each node
+    has its own token cache (nothing shared but the run directory). Returns both nodes' stdout."""
+    cfg.save(tmp_path / "ddp.toml")
+    endpoint = f"127.0.0.1:{_free_port()}"
+    procs = []
+    for node in (0, 1):
+        launch = ["--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1", "--rdzv-backend=c10d",
+                  f"--rdzv-endpoint={endpoint}", "--rdzv-id=two-nodes", f"--rdzv-conf=is_host={int(node == 0)}"]
+        env = {**_env(), "GPTFORGE_CACHE_DIR": str(tmp_path / f"cache-node{node}")}
+        procs.append(subprocess.Popen(_train_cmd(launch, tmp_path / "ddp.toml", tmp_path / "two"), env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-3000:]
+            outs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return "".join(outs)
+
+
+@pytest.mark.parametrize(("optimizer", "nodes"), [("adamw", 1), ("muon", 1),
+                                                  pytest.param("adamw", 2, marks=pytest.mark.slow)])
+def test_two_processes_equal_one(tiny_config, tiny_corpus, tmp_path, read_metrics, optimizer, nodes):
+    """Two processes on one node, or two nodes of one process each (--nnodes 2, c10d rendezvous)."""
     common = ["train.grad_accum_steps=2", "train.max_steps=4", "train.eval_every=2", "optim.warmup_steps=0",
               f"optim.name={optimizer}"]
     # One process, batch 4 = two ranks x batch 2 (each draws its rows of the same global batch).
     train(tiny_config("train.batch_size=4", *common), tmp_path / "one")
 
     cfg = tiny_config("train.batch_size=2", *common)
-    proc = _torchrun_two(cfg, tmp_path)
+    stdout = _torchrun_two(cfg, tmp_path).stdout if nodes == 1 else _torchrun_two_nodes(cfg, tmp_path)
 
     one, two = read_metrics(tmp_path / "one", "train"), read_metrics(tmp_path / "two", "train")
     assert [r["step"] for r in two] == [1, 2, 3, 4] and [r["tokens"] for r in two] == [r["tokens"] for r in one]
@@ -49,7 +89,7 @@ def test_two_processes_equal_one(tiny_config, tiny_corpus, tmp_path, read_metric
         assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-5)
     # Rank 0 alone wrote the run: one started event, one stop line, one set of checkpoints.
     assert sum(e["event"] == "started" for e in read_metrics(tmp_path / "two", "event")) == 1
-    assert proc.stdout.count("stopped by max_steps") == 1
+    assert stdout.count("stopped by max_steps") == 1
     assert (tmp_path / "two" / "checkpoints" / "latest" / "state.pt").is_file()
 
 
@@ -86,7 +126,7 @@ def test_a_time_budget_under_ddp_follows_one_clock_on_both_ranks(tiny_config, tm
     (tmp_path / "timed.py").write_text(TIMED)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(tmp_path / "timed.py"), str(tmp_path / "cfg.toml"), str(tmp_path / "two")],
-                          env=_clean_env(), capture_output=True, text=True, timeout=300)
+                          env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = read_metrics(tmp_path / "two", "event")
     assert events[-1]["event"] == "stopped" and events[-1]["reason"] == "max_time"
@@ -136,7 +176,7 @@ def test_one_ranks_non_finite_loss_skips_the_update_on_every_rank(tiny_config, t
     cfg = tiny_config("train.batch_size=2", "train.max_steps=4", "optim.warmup_steps=0", f"optim.name={optimizer}")
     cfg.save(tmp_path / "cfg.toml")
     (tmp_path / "nan.py").write_text(ONE_RANK_NAN)
-    env = _clean_env()
+    env = _env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(tmp_path / "nan.py"), str(tmp_path / "cfg.toml"), str(tmp_path / "run")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

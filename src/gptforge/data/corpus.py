@@ -430,8 +430,16 @@ def _read_jsonl(path: Path, label: str, text_field: str, gz: bool):
                     if not isinstance(obj, dict) or text_field not in obj:
                         raise GptforgeError(f"{label} line {lineno} has no {text_field!r} field; name the "
                                             "field that holds the text with --text-field") from None
+                    value = obj[text_field]
+                    if isinstance(value, str) and not value.isascii():
+                        try:
+                            value.encode("utf-8")
+                        except UnicodeEncodeError as e:  # JSON may escape a lone surrogate: \ud800
+                            raise GptforgeError(f"{label} line {lineno}: {text_field!r} holds a lone surrogate "
+                                                f"(U+{ord(value[e.start]):04X}), which is not text; fix or remove "
+                                                "that line") from None
                     pos = raw.tell()
-                    yield obj[text_field], pos - last
+                    yield value, pos - last
                     last = pos
                 if raw.tell() > last:
                     yield None, raw.tell() - last  # blank lines at the end: still input read
@@ -526,6 +534,10 @@ def _read_hub(src: Source, text_field: str):
         import datasets
     except ImportError:
         raise GptforgeError("hf: corpora need the datasets package (pip install datasets)") from None
+    import logging
+
+    # huggingface_hub logs a warning per retry of a failed request: the one-line error below says it.
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     name, _, config = src.path.partition(":")
     try:
         ds = datasets.load_dataset(name, config or None, split=src.split or "train", streaming=True)
@@ -646,12 +658,22 @@ def open_corpus(spec: str | Sequence[str] | Corpus, text_field: str = "text") ->
         for s in specs:
             stream.sources.extend(_stream_sources(s, stream))
         stream.sha256 = stream_sha256(stream.sources)
-        stream.names = ["<stdin>" if s.label == "standard input" else (s.label if s.kind == "hub" else s.path)
-                        for s in stream.sources]
+        stream.names = [_listed_name(s) for s in stream.sources]
     except BaseException:
         stream.close()
         raise
     return stream
+
+
+def _listed_name(src: Source) -> str:
+    """How meta.json's "sources" (and the cache key) name a source: "<stdin>", hf:NAME, or the file's or
+    directory's absolute path (a relative path and its absolute one are the same source)."""
+    if src.label == "standard input":
+        return "<stdin>"
+    if src.kind == "hub":
+        return src.label
+    path = str(Path(src.path).resolve())
+    return f"{path}:{src.split}" if src.kind == "datasets" and src.split else path
 
 
 def _corpus_name(specs: list[str]) -> str:
@@ -715,28 +737,27 @@ def file_sha256(path: str | os.PathLike) -> str:
     return _memo([_stamp(path)], compute)
 
 
-def _joined_text_sha256(paths: Sequence[str]) -> str:
-    """sha256 of the UTF-8 text `load_corpus` would build from these text files: each file's bytes
-    without a leading byte-order mark, a newline between two files where the first does not end in
-    one. Computed on the bytes, never decoded (valid UTF-8 text is its own encoding)."""
+def _text_sha256(path: str) -> str:
+    """sha256 of the UTF-8 text of a text file: its bytes without a leading byte-order mark. Computed
+    on the bytes, never decoded (valid UTF-8 text is its own encoding)."""
     def compute() -> str:
         h = hashlib.sha256()
-        last = b"\n"
-        for i, path in enumerate(paths):
-            if i and last != b"\n":
-                h.update(b"\n")
-            with open(path, "rb") as f:
-                block = f.read(BLOCK_BYTES).removeprefix(b"\xef\xbb\xbf")
-                while block:
-                    h.update(block)
-                    last = block[-1:]
-                    block = f.read(BLOCK_BYTES)
+        with open(path, "rb") as f:
+            block = f.read(BLOCK_BYTES).removeprefix(b"\xef\xbb\xbf")
+            while block:
+                h.update(block)
+                block = f.read(BLOCK_BYTES)
         return h.hexdigest()
 
-    return _memo([_stamp(p) for p in paths], compute)
+    return _memo([_stamp(path)], compute)
 
 
 def _source_sha256(src: Source) -> str:
+    if src.kind == "text":
+        try:
+            return _text_sha256(src.path)
+        except OSError as e:
+            raise GptforgeError(f"cannot read {src.path}: {e.strerror}; check the path and its permissions") from None
     if src.kind == "datasets":
         ds = _open_saved_dataset(Path(src.path), src.split)
         lines = [f"split {src.split or ''}"] + [file_sha256(f["filename"]) for f in ds.cache_files]
@@ -753,18 +774,14 @@ def _source_sha256(src: Source) -> str:
 
 
 def stream_sha256(sources: Sequence[Source]) -> str:
-    """The corpus's identity, `source_sha256` in meta.json. Text files only (as before streaming):
-    the sha256 of the UTF-8 text they make together (a newline between files that do not end in
-    one, a byte-order mark dropped), so Tiny Shakespeare's is the checksum of its download. With any
-    other input: for one source its hash, for several the sha256 of their hashes, one per line in
-    reading order, where a .jsonl/.jsonl.gz/.parquet file's hash is that of its bytes, a saved
-    `datasets` directory's that of its Arrow files' hashes and the split, and a Hub dataset's
-    (`hf:`) that of its name and split only (its bytes are never all here)."""
-    if all(s.kind == "text" for s in sources):
-        try:
-            return _joined_text_sha256([s.path for s in sources])
-        except OSError as e:
-            raise GptforgeError(f"cannot read {e.filename}: {e.strerror}; check the path and its permissions") from None
+    """The corpus's identity, `source_sha256` in meta.json: for one source its hash, for several the
+    sha256 of their hashes, one per line in reading order. So the files' order and boundaries (where a
+    document ends: an end-of-text token with gpt2 and bpe) are part of it, and two files are never
+    the same corpus as one file holding their text. A text file's hash is that of its UTF-8 text (a
+    byte-order mark dropped), so Tiny Shakespeare's is the checksum of its download; a .jsonl,
+    .jsonl.gz or .parquet file's that of its bytes; a saved `datasets` directory's that of its Arrow
+    files' hashes and the split; a Hub dataset's (`hf:`) that of its name and split only (its bytes
+    are never all here)."""
     hashes = [_source_sha256(s) for s in sources]
     if len(hashes) == 1:
         return hashes[0]

@@ -590,16 +590,53 @@ def _check_length(n_train: int, n_val: int | None, block_size: int | None, where
         )
 
 
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """What makes a meta.json's index unusable (a damaged or hand-edited file), or None."""
+    shards = meta.get("shards")
+    if not isinstance(shards, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("file"), str) and _is_count(e.get("tokens")) for e in shards):
+        return "its list of shards is damaged"
+    for k in ("tokens", "train_tokens", "val_tokens", "vocab_size"):
+        if not _is_count(meta.get(k)):
+            return f"its {k} {meta.get(k)!r} is not a count"
+    held = sum(e["tokens"] for e in shards)
+    if meta["tokens"] != held:
+        return f"it says {meta['tokens']:,} tokens, its shards {held:,}"
+    if meta["train_tokens"] + meta["val_tokens"] != meta["tokens"]:
+        return (f"its {meta['train_tokens']:,} train + {meta['val_tokens']:,} validation tokens are not its "
+                f"{meta['tokens']:,} tokens")
+    if meta.get("dtype") != dtype_for(meta["vocab_size"]).name:
+        return f"its dtype {meta.get('dtype')!r} is not the one for a vocabulary of {meta['vocab_size']:,}"
+    return None
+
+
 def _open_shards(d: Path, meta: dict) -> list[np.ndarray]:
-    """The shards named in meta.json, memory-mapped; GptforgeError naming a missing or damaged one."""
+    """The shards named in meta.json, memory-mapped; GptforgeError naming a damaged meta.json, or a
+    missing or damaged shard (one whose header disagrees with its size or with meta.json)."""
+    problem = _meta_problem(meta)
+    if problem is not None:
+        raise GptforgeError(f"{d / 'meta.json'} is damaged ({problem}); prepare the data again")
     shards = []
     for entry in meta["shards"]:
         arr = read_tokens(d / entry["file"])
         if len(arr) != entry["tokens"]:
             raise GptforgeError(f"token file {d / entry['file']} holds {len(arr):,} tokens, meta.json says "
                                 f"{entry['tokens']:,}; prepare the data again")
+        if arr.dtype.name != meta["dtype"]:
+            raise GptforgeError(f"token file {d / entry['file']} holds {arr.dtype.name} tokens, meta.json says "
+                                f"{meta['dtype']}; prepare the data again")
         shards.append(arr)
     return shards
+
+
+def _check_tokenizer(d: Path, meta: dict, tok: Tokenizer) -> None:
+    if tok.vocab_size != meta["vocab_size"] or tok.spec != meta.get("tokenizer"):
+        raise GptforgeError(f"{d / 'meta.json'} says a {meta.get('tokenizer')} vocabulary of {meta['vocab_size']:,}, "
+                            f"but {d / 'tokenizer'} is {tok.spec} with {tok.vocab_size:,}; prepare the data again")
 
 
 def load_prepared(directory: str | os.PathLike) -> Prepared:
@@ -611,6 +648,7 @@ def load_prepared(directory: str | os.PathLike) -> Prepared:
                             "format); run gptforge prepare")
     shards = _open_shards(d, meta)
     tok = load_tokenizer(d / "tokenizer")
+    _check_tokenizer(d, meta, tok)
     return _prepared(d, meta, shards, tok, reused=True)
 
 
@@ -627,18 +665,18 @@ def _load_prepared(d: Path, expect: dict) -> Prepared | None:
     meta = _read_json(d / "meta.json")
     if meta is None or any(meta.get(k) != v for k, v in expect.items()):
         return None
-    for entry in meta.get("shards", []):
-        p = d / entry["file"]
-        if p.exists() and not os.access(p, os.R_OK) or p.is_dir():
-            raise GptforgeError(f"cannot read token file {p}; check its permissions, or delete {d} and "
-                                "prepare again")
+    if _meta_problem(meta) is None:
+        for entry in meta["shards"]:
+            p = d / entry["file"]
+            if p.exists() and not os.access(p, os.R_OK) or p.is_dir():
+                raise GptforgeError(f"cannot read token file {p}; check its permissions, or delete {d} and "
+                                    "prepare again")
     try:
         shards = _open_shards(d, meta)
         tok = load_tokenizer(d / "tokenizer")
+        _check_tokenizer(d, meta, tok)
     except GptforgeError as e:
-        print(f"gptforge: {e.args[0].split(';')[0]}; preparing it again", file=sys.stderr)
-        return None
-    if tok.vocab_size != meta.get("vocab_size") or sum(len(s) for s in shards) != meta.get("tokens"):
+        print(f"gptforge: {e.args[0].split('; prepare')[0]}; preparing it again", file=sys.stderr)
         return None
     return _prepared(d, meta, shards, tok, reused=True)
 
@@ -747,9 +785,11 @@ def prepare(
     # val_tokens, when given, decides the split alone: the fraction must not change the cache key.
     val_fraction = float(val_fraction) if val_tokens is None else None
     given = tokenizer if isinstance(tokenizer, Tokenizer) else None
+    gpt2 = None
     if given is not None and given.spec == "gpt2":
-        # GPT-2's BPE is fixed, so a GPT-2 tokenizer object keys the cache like the name "gpt2".
-        given, tokenizer = None, "gpt2"
+        # GPT-2's BPE is fixed, so a GPT-2 tokenizer object keys the cache like the name "gpt2"; it is
+        # still the one used, so a run's own copy of the ranks needs no data directory or network.
+        gpt2, given, tokenizer = given, None, "gpt2"
     spec = given.spec if given is not None else check_spec(tokenizer)
     if bpe_vocab_size is not None and spec != "bpe":
         raise GptforgeError(f"a bpe vocabulary size only applies to --tokenizer bpe, not {spec!r}")
@@ -763,7 +803,8 @@ def prepare(
     try:
         fingerprint = _fingerprint(given) if given is not None else None
         requested_vocab = bpe_vocab_size if spec == "bpe" and given is None else None
-        options = {"text_field": text_field, "requested_val_tokens": val_tokens,
+        # The sources listed key the data too: meta.json never names a file that is not what was read.
+        options = {"text_field": text_field, "requested_val_tokens": val_tokens, "sources": stream.names,
                    "bpe_sample_bytes": sample if spec == "bpe" and given is None else None}
         key = _cache_key(stream.name, stream.sha256, spec, requested_vocab, val_fraction, fingerprint, options)
         d = Path(out).expanduser() if out is not None else cache_dir() / "tokens" / key
@@ -787,9 +828,9 @@ def prepare(
             if workers is None:
                 small = stream.total_bytes < _IN_PROCESS_BYTES and all(s.kind != "hub" for s in stream.sources)
                 workers = 0 if small else min(os.cpu_count() or 1, 8)
-            found = _prepare_new(stream, d, out is not None, key, spec, given, requested_vocab, sample, expect,
-                                 val_fraction, val_tokens, block_size, shard_tokens or SHARD_TOKENS, workers,
-                                 progress)
+            found = _prepare_new(stream, d, out is not None, key, spec, given or gpt2, requested_vocab, sample,
+                                 expect, val_fraction, val_tokens, block_size, shard_tokens or SHARD_TOKENS,
+                                 workers, progress)
         else:
             n_val = found.meta["val_tokens"] if val_fraction or val_tokens else None
             _check_length(found.meta["train_tokens"], n_val, block_size, f"corpus {stream.name!r}")
