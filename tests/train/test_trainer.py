@@ -172,6 +172,93 @@ def test_cli_exits_130_on_sigterm_and_resumes(tiny_config, tmp_path, tiny_corpus
     assert e.value.code == 2
 
 
+# `gptforge train` in a child process whose update 3 waits on files the test writes, so that each Ctrl-C
+# arrives while that update is running and after the one before it was handled (two SIGINTs sent at once
+# could merge into one). Linux delivers a signal sent to a process to its main thread when that thread
+# does not block it, and the handler runs before the thread reads the file written after the kill.
+_CTRL_C_CHILD = """
+import sys, time
+from pathlib import Path
+from gptforge import cli
+from gptforge.train.trainer import Trainer
+
+marks, real = Path(sys.argv[1]), Trainer.train_step
+
+def wait_for(name):
+    give_up = time.monotonic() + 300  # only so that a broken hand-shake fails instead of hanging
+    while not (marks / name).exists():
+        if time.monotonic() > give_up:
+            sys.exit(f"never saw {name}")
+        time.sleep(0.01)
+
+def train_step(self):
+    if self.step == 2:
+        (marks / "in-step").touch()
+        wait_for("first-sent")
+        (marks / "first-handled").touch()
+        wait_for("second-sent")
+        (marks / "step-finished").touch()
+    return real(self)
+
+Trainer.train_step = train_step
+cli.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_a_second_ctrl_c_stops_at_once(tmp_path, tiny_corpus, presses):
+    """One Ctrl-C lets the running update finish, saves latest and exits 130; a second one during that
+    update stops the process there: the update never finishes and nothing is saved."""
+    import json
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    marks, run = tmp_path / "marks", tmp_path / "run"
+    marks.mkdir()
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-c", _CTRL_C_CHILD, str(marks), "train", "--out", str(run),
+           f"data.corpus={tiny_corpus}", "data.tokenizer=char", "model.preset=tiny", "model.n_layer=1",
+           "train.batch_size=2", "train.max_steps=50", "train.log_every=1", "train.device=cpu"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_for(name):
+        give_up = time.monotonic() + 300  # only so that a hung child fails the test instead of hanging it
+        while not (marks / name).exists():
+            assert proc.poll() is None, f"the child exited before {name}: {proc.communicate()[1][-3000:]}"
+            assert time.monotonic() < give_up, f"the child never wrote {name}"
+            time.sleep(0.01)
+
+    try:
+        wait_for("in-step")
+        proc.send_signal(signal.SIGINT)
+        (marks / "first-sent").touch()
+        wait_for("first-handled")
+        if presses == 2:
+            proc.send_signal(signal.SIGINT)
+        (marks / "second-sent").touch()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert "gptforge: interrupted" in err
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    stops = [e for e in events if e["kind"] == "event" and e["event"] == "stopped"]
+    if presses == 1:  # graceful: the update finished, was saved, and the stop was logged
+        assert (marks / "step-finished").exists()
+        assert runs.read_info(run / "checkpoints" / "latest")["step"] == 3
+        assert [(e["reason"], e["step"]) for e in stops] == [("interrupted", 3)]
+    else:  # at once: inside update 3, before it finished; no checkpoint, no stop record
+        assert not (marks / "step-finished").exists()
+        assert not (run / "checkpoints" / "latest").exists() and stops == []
+        assert max(e["step"] for e in events if e["kind"] == "train") == 2
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, read_metrics, monkeypatch):
     run = tmp_path / "run"
     real_step = Trainer.train_step
