@@ -223,7 +223,7 @@ def test_chunked_cross_entropy_function_and_bf16():
         lb = chunked_cross_entropy(x, w, t, vocab_size=33, chunk=9)
         rb = F.cross_entropy((x @ w.t())[:, :33].float(), t, ignore_index=-1)
     assert lb.dtype == torch.float32
-    assert abs(lb.item() - rb.item()) <= 0.05 * rb.item()
+    assert lb.item() == pytest.approx(rb.item(), rel=2e-3)  # bf16 precision, as in the test below
     with torch.no_grad():  # evaluation: no gradients computed, same value
         assert abs(chunked_cross_entropy(x, w, t, 33, 9).item() - ref.item()) <= 1e-5
 
