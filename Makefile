@@ -59,10 +59,12 @@ bench: setup
 # Mutants are made in mutants/ (a copy of src/ and tests/), whose results a later run reuses for the
 # functions that did not change; `mutmut browse` shows each survivor's diff.
 # MUTANTS narrows the run to mutant names, e.g. MUTANTS="gptforge.train.optim.x_lr_at*". The tests run from
-# mutants/, so the data directory is named here (conftest's guess would look beside mutants/).
+# mutants/, so the data directory is named here (conftest's guess would look beside mutants/); the tests'
+# tiny trained run is kept in mutants/tiny-run, trained once instead of once per mutant.
 MUTANTS ?=
 mutate: setup
-	GPTFORGE_DATA_DIR=$${GPTFORGE_DATA_DIR:-$(CURDIR)/../shared/data} OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run $(MUTANTS)
+	GPTFORGE_DATA_DIR=$${GPTFORGE_DATA_DIR:-$(CURDIR)/../shared/data} GPTFORGE_TEST_TINY_RUN=$(CURDIR)/mutants/tiny-run \
+		OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run $(MUTANTS)
 	$(VENV)/bin/mutmut results
 
 # No setup: a GPU box may have torch and the rest installed already, and no network for a venv. The
