@@ -51,14 +51,16 @@ def test_clamp_inputs_limits_every_field():
     s = clamp_inputs("lots", float("nan"), None, float("inf"), "", "2", max_new_tokens_limit=50)
     assert (s.max_new_tokens, s.temperature, s.top_k, s.top_p, s.seed, s.num_samples) == (50, 1.0, 0, 1.0, None, 2)
     s.check()
+    assert clamp_inputs(None, None, None, None, None, None).max_new_tokens == 200  # the page's default
+    s = clamp_inputs(5, 1.0, 0, 1.0, "abc", "many")  # junk seed: random; junk count: one sample
+    assert (s.seed, s.num_samples) == (None, 1)
     assert clamp_inputs(20, 0.5, 40, 0.9, 7, 2).temperature == 0.5  # in-range values pass through
     assert clamp_inputs(20, 0.5, 40, 0.9, 2**70, 2).seed < 2**63
 
 
 def test_format_samples():
     assert format_samples("A", ["b"]) == "Ab"
-    two = format_samples("A", ["b", "c"])
-    assert "sample 1" in two and "sample 2" in two and "Ab" in two and "Ac" in two
+    assert format_samples("A", ["b", "c"]) == "──── sample 1 ────\nAb\n\n──── sample 2 ────\nAc"
 
 
 # ----------------------------------------------------------------------------------------- page
