@@ -63,6 +63,9 @@ def test_top_k_never_samples_outside_the_k_largest():
     # ties at the k-th value must not let extra ids in
     tied = torch.zeros(1, 10)
     assert torch.isfinite(top_k_filter(tied, 3)).sum().item() == 3
+    # k = 0 is "off", and k at or past the vocabulary keeps every id (found by `make mutate`)
+    for k in (0, 200, 500):
+        assert torch.equal(top_k_filter(logits[:2], k), logits[:2])
 
 
 def test_top_p_keeps_exactly_the_nucleus():

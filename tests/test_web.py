@@ -56,6 +56,7 @@ def test_clamp_inputs_limits_every_field():
     assert (s.seed, s.num_samples) == (None, 1)
     assert clamp_inputs(20, 0.5, 40, 0.9, 7, 2).temperature == 0.5  # in-range values pass through
     assert clamp_inputs(20, 0.5, 40, 0.9, 2**70, 2).seed < 2**63
+    assert clamp_inputs(20, 0.5, 40, 0.9, 2**63 + 4096, 2).seed == 4096  # a signed 64-bit seed, whatever was typed
 
 
 def test_format_samples():
