@@ -3,6 +3,8 @@
 #   make test    run the test suite (offline; uses GPTFORGE_DATA_DIR when set)
 #   make test-other-cpu-dtype   the trainer tests with the other CPU precision path forced (CI runs it)
 #   make bench   run the benchmarks and rewrite docs/benchmarks.md
+#   make mutate  mutation testing (mutmut) of the sampler, schedules, loss, KV cache, tokenizers,
+#                checkpoint loading and the web clamps (not CI; docs/testing.md); MUTANTS="glob ..." narrows it
 #   make gpu-check   check gptforge on a CUDA GPU in ~8 minutes, report in runs/gpu-check (docs/gpu.md);
 #                GPU_CHECK_ARGS=--dry-run runs every stage on the CPU with tiny shapes (CI does)
 #
@@ -19,7 +21,7 @@ else
 TORCH_REQ := torch==$(TORCH_VERSION)
 endif
 
-.PHONY: setup demo test test-other-cpu-dtype lint bench gpu-check clean
+.PHONY: setup demo test test-other-cpu-dtype lint bench mutate gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +55,17 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/generate_speed.py
+
+# Mutants are made in mutants/ (a copy of src/ and tests/), whose results a later run reuses for the
+# functions that did not change; `mutmut browse` shows each survivor's diff.
+# MUTANTS narrows the run to mutant names, e.g. MUTANTS="gptforge.train.optim.x_lr_at*". The tests run from
+# mutants/, so the data directory is named here (conftest's guess would look beside mutants/); the tests'
+# tiny trained run is kept in mutants/tiny-run, trained once instead of once per mutant.
+MUTANTS ?=
+mutate: setup
+	GPTFORGE_DATA_DIR=$${GPTFORGE_DATA_DIR:-$(CURDIR)/../shared/data} GPTFORGE_TEST_TINY_RUN=$(CURDIR)/mutants/tiny-run \
+		OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run $(MUTANTS)
+	$(VENV)/bin/mutmut results
 
 # No setup: a GPU box may have torch and the rest installed already, and no network for a venv. The
 # checkout's src/ goes on PYTHONPATH, so no install is needed either. Data: GPTFORGE_DATA_DIR or

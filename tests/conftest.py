@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import pytest
 import torch
@@ -91,13 +97,23 @@ def _env(**values: str):
 
 def make_tiny_run(base: Path, shakespeare_text: str) -> Path:
     """Train (once) and return BASE/shakespeare-char-tiny; a finished run is marked by BASE/done."""
-    from gptforge.config import load_config
-    from gptforge.train.trainer import train
-
     run = base / "shakespeare-char-tiny"
     if (base / "done").is_file():
         return run
     base.mkdir(parents=True, exist_ok=True)
+    with open(base / "lock", "w") as lock:
+        if fcntl is not None:  # two pytest processes sharing BASE (make mutate) train it once
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (base / "done").is_file():
+            _train_tiny_run(base, run, shakespeare_text)
+    return run
+
+
+def _train_tiny_run(base: Path, run: Path, shakespeare_text: str) -> None:
+    from gptforge.config import load_config
+    from gptforge.train.trainer import train
+
+    shutil.rmtree(run, ignore_errors=True)  # a run cut short before it was done
     corpus = base / "shakespeare-slice.txt"
     corpus.write_text(shakespeare_text[:SLICE_CHARS], encoding="utf-8")
     config = load_config(None, [*OVERRIDES, f"data.corpus={corpus}"])
@@ -112,14 +128,16 @@ def make_tiny_run(base: Path, shakespeare_text: str) -> Path:
     finally:
         torch.set_num_threads(threads)
     (base / "done").write_text("ok\n")
-    return run
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, shakespeare_text) -> Path:
     """A char-level model really trained for 120 steps on a slice of Tiny Shakespeare, once per
-    session; shared by the generation, web and browser tests."""
-    return make_tiny_run(tmp_path_factory.getbasetemp() / "gptforge-tiny-run", shakespeare_text)
+    session; shared by the generation, web and browser tests. GPTFORGE_TEST_TINY_RUN names a directory
+    that keeps it across sessions: `make mutate` runs pytest once per mutant and trains it once."""
+    shared = os.environ.get("GPTFORGE_TEST_TINY_RUN")
+    base = Path(shared) if shared else tmp_path_factory.getbasetemp() / "gptforge-tiny-run"
+    return make_tiny_run(base, shakespeare_text)
 
 
 class _Greedy:

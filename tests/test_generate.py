@@ -63,6 +63,11 @@ def test_top_k_never_samples_outside_the_k_largest():
     # ties at the k-th value must not let extra ids in
     tied = torch.zeros(1, 10)
     assert torch.isfinite(top_k_filter(tied, 3)).sum().item() == 3
+    # k = 0 is "off", and k at or past the vocabulary keeps every id (found by `make mutate`)
+    for k in (0, 200, 500):
+        assert torch.equal(top_k_filter(logits[:2], k), logits[:2])
+    top1 = top_k_filter(logits[:2], 1)  # k = 1 keeps the argmax alone
+    assert torch.isfinite(top1).sum().item() == 2 and torch.equal(top1.argmax(-1), logits[:2].argmax(-1))
 
 
 def test_top_p_keeps_exactly_the_nucleus():

@@ -10,6 +10,7 @@ through `gptforge eval`'s code path over the saved checkpoint.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -62,13 +63,18 @@ def test_tiny_model_memorises_a_slice_through_stop_at_loss(tmp_path, slice_file)
     assert again["loss"] == pytest.approx(evals[-1]["train_loss"], abs=1e-4)
 
 
-@pytest.mark.parametrize("name", ["tinyshakespeare-char.toml", "tinyshakespeare-gpt2-cpu.toml",
-                                  "gpt2-124m-memorize.toml", "gpt2-124m-shakespeare.toml"])
+# What a recipe reached: "Reached: validation loss 1.611", nanoGPT's "reached val 1.8857", or, for one that
+# no session could run, "Reached: NOT RUN YET" (then with what is expected and why). "Expected" alone is no result.
+REACHED = re.compile(r"\breached:? (?:NOT RUN YET\b|validation loss \d+\.\d+|val \d+\.\d+)", re.IGNORECASE)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.toml")))
 def test_each_recipe_says_what_it_is_for_and_what_it_reached(name):
     text = (CONFIGS / name).read_text(encoding="utf-8")
     head = [line for line in text.splitlines() if line.strip()][:3]
     assert all(line.startswith("#") for line in head), f"{name} must open with a comment"
-    assert "reached" in text.lower() or "expected" in text.lower(), f"{name} must say what it reached"
+    comment = " ".join(line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#"))
+    assert REACHED.search(comment), f"{name} must say in its opening comment what it reached (or NOT RUN YET)"
 
 
 def test_the_124m_recipes_are_the_classic_exercise_and_its_honest_twin():

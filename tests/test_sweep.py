@@ -124,7 +124,14 @@ def test_sweep_prunes_skips_and_writes_results(tmp_path, shakespeare_text):
     assert states[0].state == "complete" and states[0].steps == 10
     assert states[1].state == "pruned" and states[1].steps == 5 and "pruned at step 5" in states[1].reason
     assert states[2].state == "skipped" and "divisible" in states[2].reason
-    assert states[3].state in ("complete", "pruned", "skipped")
+    # The sampled 4th trial: its state must follow from its parameters, like the enqueued ones'.
+    fourth = states[3]
+    if fourth.params["model.n_head"] == 3:
+        assert fourth.state == "skipped" and "divisible" in fourth.reason
+    elif fourth.state == "pruned":
+        assert fourth.steps == 5 and "pruned at step 5" in fourth.reason
+    else:
+        assert fourth.state == "complete" and fourth.steps == 10 and fourth.val_loss is not None
     assert result.best_value is not None and result.best_value <= states[0].val_loss
     assert (out / "trials" / "0000" / "checkpoints" / "best").is_dir()
 

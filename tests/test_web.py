@@ -1,11 +1,18 @@
-"""The web layer without a browser: clamped inputs, the model card, the page's generate function,
-and `export-space` (the exported folder must build its page offline, with its own copy of gptforge)."""
+"""The web layer without a browser: clamped inputs, the model card, the page's generate function, a real
+server's queue under concurrent requests and the address `gptforge serve` binds, and `export-space` (the
+exported folder must build its page offline, with its own copy of gptforge)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -44,14 +51,17 @@ def test_clamp_inputs_limits_every_field():
     s = clamp_inputs("lots", float("nan"), None, float("inf"), "", "2", max_new_tokens_limit=50)
     assert (s.max_new_tokens, s.temperature, s.top_k, s.top_p, s.seed, s.num_samples) == (50, 1.0, 0, 1.0, None, 2)
     s.check()
+    assert clamp_inputs(None, None, None, None, None, None).max_new_tokens == 200  # the page's default
+    s = clamp_inputs(5, 1.0, 0, 1.0, "abc", "many")  # junk seed: random; junk count: one sample
+    assert (s.seed, s.num_samples) == (None, 1)
     assert clamp_inputs(20, 0.5, 40, 0.9, 7, 2).temperature == 0.5  # in-range values pass through
     assert clamp_inputs(20, 0.5, 40, 0.9, 2**70, 2).seed < 2**63
+    assert clamp_inputs(20, 0.5, 40, 0.9, 2**63 + 4096, 2).seed == 4096  # a signed 64-bit seed, whatever was typed
 
 
 def test_format_samples():
     assert format_samples("A", ["b"]) == "Ab"
-    two = format_samples("A", ["b", "c"])
-    assert "sample 1" in two and "sample 2" in two and "Ab" in two and "Ac" in two
+    assert format_samples("A", ["b", "c"]) == "──── sample 1 ────\nAb\n\n──── sample 2 ────\nAc"
 
 
 # ----------------------------------------------------------------------------------------- page
@@ -77,7 +87,6 @@ def test_page_streams_clamped_generation(gen):
     from gptforge.web import build_app
 
     demo = build_app(gen, max_new_tokens_limit=12)
-    assert demo._queue.default_concurrency_limit == 1  # one request at a time, the rest queue
     run = next(f.fn for f in demo.fns.values() if f.name == "run")
     outputs = list(run("ROMEO:", 1000, 0.8, 5, 0.9, 3, 2))
     assert len(outputs) > 2 and outputs[0] == format_samples("ROMEO:", ["", ""])  # streamed, not at once
@@ -86,6 +95,152 @@ def test_page_streams_clamped_generation(gen):
     assert all(len(t) == 12 for t in expected)  # 1000 tokens were asked for: clamped to the server's 12
     with pytest.raises(Exception, match="☃"):  # gr.Error, shown as a message on the page
         list(run("☃", 5, 1.0, 0, 1.0, 1, 1))
+
+
+# ----------------------------------------------------------------------------------------- serving
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_it_answers(url: str, alive=lambda: None) -> None:
+    """Poll `url` until it answers 200; alive() raises if the server died. The limit only turns a hang
+    into a failure."""
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an http_proxy
+    give_up = time.monotonic() + 180
+    while True:
+        alive()
+        try:
+            with direct.open(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < give_up, f"{url} did not answer"
+        time.sleep(0.3)
+
+
+def test_concurrent_requests_are_queued_served_one_at_a_time_and_all_answered(tiny_run):
+    """Six visitors press Generate at once on a served page: every one gets its own whole answer (the
+    queue drops none) and the model runs one request at a time (they wait in line, not side by side)."""
+    from gradio_client import Client
+
+    import gptforge
+    from gptforge.web import build_app
+
+    gen = gptforge.load(tiny_run, device="cpu")
+    asks = [(prompt, seed) for prompt in ("ROMEO:", "JULIET:") for seed in (1, 2, 3)]
+    expected = {(prompt, seed): format_samples(prompt, gen.generate(prompt, max_new_tokens=30, temperature=0.9,
+                                                                    top_k=0, top_p=1.0, seed=seed, num_samples=2))
+                for prompt, seed in asks}
+    assert len(set(expected.values())) == len(asks)  # six different answers: none can stand in for another
+
+    running, most, served = [0], [0], []
+    lock = threading.Lock()
+    real_stream = gen.stream_batch
+
+    def stream_batch(prompt, **settings):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            yield from real_stream(prompt, **settings)
+        finally:
+            with lock:
+                running[0] -= 1
+                served.append((prompt, settings["seed"]))
+
+    gen.stream_batch = stream_batch
+    demo = build_app(gen, max_new_tokens_limit=30)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False,
+                show_error=True)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        _wait_until_it_answers(url)
+        client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
+        jobs = {ask: client.submit(ask[0], 30, 0.9, 0, 1.0, ask[1], 2, api_name="/generate") for ask in asks}
+        answers = {ask: job.result(timeout=300) for ask, job in jobs.items()}
+    finally:
+        demo.close()
+    assert answers == expected
+    assert sorted(served) == sorted(asks) and most[0] == 1
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The local addresses of the sockets listening on TCP `port`, from Linux's /proc/net/tcp and tcp6."""
+    found = set()
+    for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        table = Path("/proc/net") / name
+        if not table.is_file():
+            continue
+        for line in table.read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, port_hex = local.split(":")
+            if state != "0A" or int(port_hex, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(addr)  # each 32-bit word printed in the host's byte order
+            if sys.byteorder == "little":
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add(socket.inet_ntop(family, raw))
+    return found
+
+
+def _non_loopback_address() -> str | None:
+    """An IPv4 address of this machine other than loopback, if it has one (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: only the route is looked up
+        except OSError:
+            return None
+        addr = s.getsockname()[0]
+    return None if addr.startswith("127.") or addr == "0.0.0.0" else addr
+
+
+@contextlib.contextmanager
+def _serve(tiny_run: Path, tmp_path: Path, *args: str):
+    """`gptforge serve` in a subprocess on a free port; yields the port once it answers, always stops it."""
+    port = _free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
+    with open(tmp_path / "serve.log", "w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "gptforge", "serve", str(tiny_run), "--port", str(port),
+                                 "--device", "cpu", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+
+        def alive():
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"gptforge serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
+
+        try:
+            _wait_until_it_answers(f"http://127.0.0.1:{port}/", alive)
+            yield port
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_serve_listens_on_loopback_only_by_default(tiny_run, tmp_path):
+    """Without --host the page is for this machine only: its one listening socket is bound to
+    127.0.0.1 (not 0.0.0.0 or ::), and where the machine has another address, connecting there fails."""
+    with _serve(tiny_run, tmp_path) as port:
+        if Path("/proc/net/tcp").is_file():
+            assert _listening_addresses(port) == {"127.0.0.1"}
+        other = _non_loopback_address()
+        if other is not None:
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((other, port), timeout=10).close()
+        elif not Path("/proc/net/tcp").is_file():
+            pytest.skip("neither /proc/net/tcp nor a non-loopback address to tell the bound address by")
 
 
 # ----------------------------------------------------------------------------------------- export

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,7 +93,7 @@ def test_cache_reuse_and_invalidation(tmp_path):
     assert changed.tokenizer.decode(changed.train[:20].tolist()) == "a different corpus! "
 
 
-def test_cache_entries_appear_whole_even_when_two_processes_race(tmp_path, monkeypatch):
+def test_cache_entries_appear_whole_when_another_process_publishes_first(tmp_path, monkeypatch):
     src = tmp_path / "c.txt"
     src.write_text("to be or not to be " * 40, encoding="utf-8")
     real_rename = tokens_mod.os.rename
@@ -110,6 +114,74 @@ def test_cache_entries_appear_whole_even_when_two_processes_race(tmp_path, monke
     assert not again.reused and again.dir == data.dir
     assert [p.name for p in (cache_dir() / "tokens").iterdir()] == [data.dir.name]
     assert prepare(str(src), tokenizer="char").reused
+
+
+# A child that prepares the corpus sys.argv[1] into the shared cache. "first" holds the prepare lock until
+# the Linux kernel shows "second" blocked on it (/proc/locks); "second" starts once "first" holds the lock.
+_PREPARE_CHILD = """
+import json, sys, time
+from pathlib import Path
+from gptforge.data import tokens
+
+src, marks, role = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+
+def until(cond):
+    give_up = time.monotonic() + 60  # only so that a missing lock fails the test instead of hanging it
+    while not cond():
+        if time.monotonic() > give_up:
+            return False
+        time.sleep(0.01)
+    return True
+
+def second_is_waiting():
+    pid = (marks / "second.pid").read_text()
+    rows = [line.split() for line in Path("/proc/locks").read_text().splitlines()]
+    return any(len(r) > 5 and r[1] == "->" and r[2] == "FLOCK" and r[5] == pid for r in rows)
+
+if role == "first":
+    real = tokens._encode_all
+    def encode_all(*args, **kwargs):
+        (marks / "first-holds-the-lock").touch()
+        if until(lambda: (marks / "second.pid").exists()) and until(second_is_waiting):
+            (marks / "second-waited").touch()
+        return real(*args, **kwargs)
+    tokens._encode_all = encode_all
+else:
+    until(lambda: (marks / "first-holds-the-lock").exists())
+data = tokens.prepare(src, tokenizer="char")
+print(json.dumps({"reused": data.reused, "dir": str(data.dir), "n": len(data.train), "head": data.train[:40].tolist()}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="needs Linux's /proc/locks to see a process wait")
+def test_two_processes_preparing_the_same_data_take_turns(tmp_path):
+    """Two real processes prepare the same corpus into one cache at once: the second waits on the lock
+    while the first encodes, then takes the first one's entry; one entry, no work directory left."""
+    src, marks = tmp_path / "c.txt", tmp_path / "marks"
+    src.write_text("to be or not to be, that is the question " * 200, encoding="utf-8")
+    marks.mkdir()
+    repo_src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [repo_src, os.environ.get("PYTHONPATH")]))}
+    procs = {}
+    try:
+        for role in ("first", "second"):
+            procs[role] = subprocess.Popen([sys.executable, "-c", _PREPARE_CHILD, str(src), str(marks), role],
+                                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        (marks / "second.pid").write_text(str(procs["second"].pid))
+        outs = {role: p.communicate(timeout=300) for role, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for role, p in procs.items():
+        assert p.returncode == 0, f"{role}: {outs[role][1][-3000:]}"
+    first, second = (json.loads(outs[role][0].strip().splitlines()[-1]) for role in ("first", "second"))
+    assert (marks / "second-waited").exists()  # they really overlapped: the second blocked on the lock
+    assert (first["reused"], second["reused"]) == (False, True)  # encoded once, by the first
+    assert first["dir"] == second["dir"] and first["n"] == second["n"] > 0 and first["head"] == second["head"]
+    assert [p.name for p in (cache_dir() / "tokens").iterdir()] == [Path(first["dir"]).name]  # no work dirs
 
 
 def test_out_dir_is_rewritten_when_meta_does_not_match(tmp_path):

@@ -51,3 +51,32 @@ def read_metrics():
         return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
     return read
+
+
+@pytest.fixture
+def step_calls(monkeypatch):
+    """The value of trainer.step at each Trainer.train_step call from here on, in this process: a resumed
+    run that really continues from step N calls it with N, N+1, ...; one that started again from 0 does not."""
+    from gptforge.train.trainer import Trainer
+
+    calls: list[int] = []
+    real = Trainer.train_step
+
+    def counted(self):
+        calls.append(self.step)
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_step", counted)
+    return calls
+
+
+@pytest.fixture
+def starts():
+    """starts(run_dir) -> [(event, step)] of the run's started/resumed/restarted events in metrics.jsonl."""
+
+    def read(run_dir: Path) -> list[tuple[str, int]]:
+        lines = (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        return [(r["event"], r["step"]) for r in map(json.loads, lines)
+                if r["kind"] == "event" and r["event"] in ("started", "resumed", "restarted")]
+
+    return read

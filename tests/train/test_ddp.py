@@ -1,9 +1,10 @@
 """Two CPU processes under torchrun (gloo), on one node or as two nodes, train exactly like one process with
-the same global batch."""
+the same global batch, and agree on when to stop."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from gptforge import runs
 from gptforge.train.trainer import train
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def _env() -> dict[str, str]:
@@ -26,12 +30,34 @@ def _train_cmd(launch: list[str], config: Path, out: Path) -> list[str]:
             str(config), "--out", str(out)]
 
 
-def _torchrun_two(cfg, tmp_path):
-    """`gptforge train` under torchrun with two CPU (gloo) processes, into tmp_path/two; must succeed."""
+def _torchrun_two(cfg, tmp_path, script: str | None = None, check: bool = True):
+    """`gptforge train` under torchrun with two CPU (gloo) processes, into tmp_path/two; must succeed
+    unless check=False. `script`: Python source each rank runs instead of `-m gptforge` (it gets the
+    same arguments and ends by calling gptforge.cli.main)."""
     cfg.save(tmp_path / "ddp.toml")
-    cmd = _train_cmd(["--standalone", "--nproc_per_node=2"], tmp_path / "ddp.toml", tmp_path / "two")
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))}
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    if script is None:
+        entry = ["-m", "gptforge"]
+    else:
+        (tmp_path / "rank.py").write_text(script, encoding="utf-8")
+        entry = [str(tmp_path / "rank.py")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *entry,
+           "train", "--config", str(tmp_path / "ddp.toml"), "--out", str(tmp_path / "two")]
+    # A session of its own, so that a hang (ranks stuck in different collectives) can end every rank.
+    child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        out, err = child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    proc = subprocess.CompletedProcess(cmd, child.returncode, out, err)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
@@ -183,3 +209,36 @@ def test_one_ranks_non_finite_loss_skips_the_update_on_every_rank(tiny_config, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
     assert lines == ["rank 0 changed=False same=True", "rank 1 changed=False same=True"], proc.stdout
+
+
+# Rank 1 alone gets a SIGTERM during update 3, as from a scheduler preempting one machine.
+_SIGTERM_RANK_1 = """
+import os, signal, sys
+from gptforge import cli
+from gptforge.train.trainer import Trainer
+
+real = Trainer.train_step
+
+def train_step(self):
+    if self.step == 2 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(self)
+
+Trainer.train_step = train_step
+cli.main(sys.argv[1:])
+"""
+
+
+def test_a_sigterm_on_one_rank_stops_every_rank_at_the_next_log_step(tiny_config, tmp_path, read_metrics):
+    """The rank that got the signal asks the others through the next log step's all-reduce; they stop at
+    the same step and latest is saved once, for that step (rank 0 writes it)."""
+    cfg = tiny_config("train.batch_size=2", "train.max_steps=50", "train.log_every=5", "train.eval_every=100",
+                      "train.checkpoint_every=100")
+    proc = _torchrun_two(cfg, tmp_path, script=_SIGTERM_RANK_1, check=False)
+    # torchrun ends the other rank once the first exits (130 here), so only what happens before the
+    # collective save's barrier is certain: both ranks stopped at step 5 and rank 0 saved latest there.
+    assert proc.returncode != 0 and "gptforge: interrupted" in proc.stderr, proc.stderr[-3000:]
+    run = tmp_path / "two"
+    assert [r["step"] for r in read_metrics(run, "train")] == [1, 5]
+    assert runs.read_info(run / "checkpoints" / "latest")["step"] == 5
+    assert not (run / "checkpoints" / "step-0000005").exists()  # the interrupt's save, not a periodic one

@@ -113,3 +113,17 @@ def test_a_time_budget_ends_a_slow_warm_up_by_half_the_budget():
     assert lr_at_time(6, 0.5, cfg) == 1.0 and warmup_clipped_by_time(6, 0.5, cfg)
     assert not warmup_clipped_by_time(6, 0.4, cfg) and not warmup_clipped_by_time(999, 0.9, cfg)
     assert lr_at_time(12, 1.0, cfg) == pytest.approx(0.1)
+
+
+def test_edge_schedules_found_by_mutation_testing():
+    """Cases `make mutate` showed no test held (docs/testing.md)."""
+    # A one-step warm-up is the full LR at once, in every schedule (not a cosine already past its peak).
+    for schedule in ("cosine", "wsd", "constant"):
+        cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=1, schedule=schedule)
+        assert lr_at(0, cfg, 10) == 1.0
+    # "constant" ignores the schedule's length, even when one is known (and past it).
+    cfg = OptimConfig(lr=0.5, min_lr=0.1, warmup_steps=2, schedule="constant")
+    assert [lr_at(s, cfg, 6) for s in range(8)] == [0.25, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
+    # A wsd cool-down of less than one update is one update: only the last is at the floor.
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=0, schedule="wsd", cooldown_fraction=0.2)
+    assert [lr_at(s, cfg, 4) for s in range(4)] == [1.0, 1.0, 1.0, pytest.approx(0.1)]

@@ -51,14 +51,19 @@ DTYPES = ["float32", "bfloat16"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_resume_is_exact(tiny_config, tmp_path, read_metrics, dtype):
+def test_resume_is_exact(tiny_config, tmp_path, read_metrics, step_calls, starts, dtype):
     # Dropout > 0, random windows and 2 micro-steps: RNG, sampler and optimizer state all matter.
     common = ("model.dropout=0.2", "data.sampling=random", "train.grad_accum_steps=2", "optim.decay_steps=8",
               "train.eval_every=3", f"train.dtype={dtype}")
     train(tiny_config("train.max_steps=8", *common), tmp_path / "once")
     train(tiny_config("train.max_steps=4", *common), tmp_path / "twice")
+    step_calls.clear()
     result = train(resume_config(tmp_path / "twice", ["train.max_steps=8"]), tmp_path / "twice", resume=True)
     assert result.step == 8
+    # The resumed process started at the checkpoint's step and computed only the updates after it: a
+    # "resume" that started again from step 0 with the same seed would log the same losses below.
+    assert step_calls == [4, 5, 6, 7]
+    assert starts(tmp_path / "twice") == [("started", 0), ("resumed", 4)]
     once = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "once", "train")]
     twice = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "twice", "train")]
     assert once == twice  # bit-identical on the CPU, in either precision
@@ -67,11 +72,35 @@ def test_resume_is_exact(tiny_config, tmp_path, read_metrics, dtype):
     assert set(ev_once) == {3, 6, 8} and all(ev_twice[s] == v for s, v in ev_once.items())
 
 
-def test_sequential_sampling_resumes_its_position(tiny_config, tmp_path, read_metrics):
+def test_resume_continues_from_the_checkpoint_not_from_scratch(tiny_config, tmp_path, read_metrics, starts):
+    """Weights changed by hand in checkpoints/latest: a real resume trains on from them, so its losses
+    leave those of the uninterrupted run; a run that started again from step 0 would repeat them."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    common = ("optim.decay_steps=8", "train.eval_every=100")
+    train(tiny_config("train.max_steps=8", *common), tmp_path / "once")
+    train(tiny_config("train.max_steps=4", *common), tmp_path / "twice")
+    weights = tmp_path / "twice" / "checkpoints" / "latest" / "model.safetensors"
+    with safe_open(weights, "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    g = torch.Generator().manual_seed(0)
+    save_file({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in tensors.items()}, weights, metadata=meta)
+    train(resume_config(tmp_path / "twice", ["train.max_steps=8"]), tmp_path / "twice", resume=True)
+    once = [r["loss"] for r in read_metrics(tmp_path / "once", "train")]
+    twice = [r["loss"] for r in read_metrics(tmp_path / "twice", "train")]
+    assert len(twice) == 8 and twice[:4] == once[:4]  # the records before the checkpoint are kept
+    assert all(a != b for a, b in zip(once[4:], twice[4:], strict=True))
+    assert starts(tmp_path / "twice") == [("started", 0), ("resumed", 4)]
+
+
+def test_sequential_sampling_resumes_its_position(tiny_config, tmp_path, read_metrics, step_calls):
     common = ("data.sampling=sequential", "optim.schedule=constant")
     train(tiny_config("train.max_steps=6", *common), tmp_path / "once")
     train(tiny_config("train.max_steps=3", *common), tmp_path / "twice")
+    step_calls.clear()
     train(resume_config(tmp_path / "twice", ["train.max_steps=6"]), tmp_path / "twice", resume=True)
+    assert step_calls == [3, 4, 5]
     once = [r["loss"] for r in read_metrics(tmp_path / "once", "train")]
     assert once == [r["loss"] for r in read_metrics(tmp_path / "twice", "train")]
     assert all("epoch" in r for r in read_metrics(tmp_path / "once", "train"))
@@ -97,7 +126,7 @@ def test_stop_at_target_loss_on_the_whole_training_split(tiny_config, tmp_path, 
     assert result.eval_train_loss == last_eval["train_loss"]
 
 
-def test_ctrl_c_saves_latest_and_resume_continues(tiny_config, tmp_path, read_metrics, monkeypatch):
+def test_ctrl_c_saves_latest_and_resume_continues(tiny_config, tmp_path, read_metrics, step_calls, starts):
     run = tmp_path / "run"
     common = ("optim.decay_steps=6", "train.max_steps=6", "train.eval_every=3")
 
@@ -110,12 +139,14 @@ def test_ctrl_c_saves_latest_and_resume_continues(tiny_config, tmp_path, read_me
     assert runs.read_info(run / "checkpoints" / "latest")["step"] == 4
     assert read_metrics(run, "event")[-1]["reason"] == "interrupted"
     assert signal.getsignal(signal.SIGINT) == before  # handlers restored
+    step_calls.clear()
     train(resume_config(run), run, resume=True)
+    assert step_calls == [4, 5] and starts(run) == [("started", 0), ("resumed", 4)]
     train(tiny_config(*common), tmp_path / "ref")
     assert [r["loss"] for r in read_metrics(run, "train")] == [r["loss"] for r in read_metrics(tmp_path / "ref", "train")]
 
 
-def test_cli_exits_130_on_sigterm_and_resumes(tiny_config, tmp_path, tiny_corpus, monkeypatch):
+def test_cli_exits_130_on_sigterm_and_resumes(tiny_config, tmp_path, tiny_corpus, monkeypatch, starts):
     real_step = Trainer.train_step
 
     def step_then_ctrl_c(self):
@@ -135,9 +166,97 @@ def test_cli_exits_130_on_sigterm_and_resumes(tiny_config, tmp_path, tiny_corpus
     monkeypatch.setattr(Trainer, "train_step", real_step)
     cli.main(["train", "--resume", str(run), "train.max_steps=3"])
     assert runs.read_info(run / "checkpoints" / "latest")["step"] == 3
+    assert starts(run) == [("started", 0), ("resumed", 2)]  # continued from step 2, not started again
     with pytest.raises(SystemExit) as e:  # the model cannot change under a resumed run
         cli.main(["train", "--resume", str(run), "model.n_layer=2"])
     assert e.value.code == 2
+
+
+# `gptforge train` in a child process whose update 3 waits on files the test writes, so that each Ctrl-C
+# arrives while that update is running and after the one before it was handled (two SIGINTs sent at once
+# could merge into one). Linux delivers a signal sent to a process to its main thread when that thread
+# does not block it, and the handler runs before the thread reads the file written after the kill.
+_CTRL_C_CHILD = """
+import sys, time
+from pathlib import Path
+from gptforge import cli
+from gptforge.train.trainer import Trainer
+
+marks, real = Path(sys.argv[1]), Trainer.train_step
+
+def wait_for(name):
+    give_up = time.monotonic() + 300  # only so that a broken hand-shake fails instead of hanging
+    while not (marks / name).exists():
+        if time.monotonic() > give_up:
+            sys.exit(f"never saw {name}")
+        time.sleep(0.01)
+
+def train_step(self):
+    if self.step == 2:
+        (marks / "in-step").touch()
+        wait_for("first-sent")
+        (marks / "first-handled").touch()
+        wait_for("second-sent")
+        (marks / "step-finished").touch()
+    return real(self)
+
+Trainer.train_step = train_step
+cli.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_a_second_ctrl_c_stops_at_once(tmp_path, tiny_corpus, presses):
+    """One Ctrl-C lets the running update finish, saves latest and exits 130; a second one during that
+    update stops the process there: the update never finishes and nothing is saved."""
+    import json
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    marks, run = tmp_path / "marks", tmp_path / "run"
+    marks.mkdir()
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-c", _CTRL_C_CHILD, str(marks), "train", "--out", str(run),
+           f"data.corpus={tiny_corpus}", "data.tokenizer=char", "model.preset=tiny", "model.n_layer=1",
+           "train.batch_size=2", "train.max_steps=50", "train.log_every=1", "train.device=cpu"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_for(name):
+        give_up = time.monotonic() + 300  # only so that a hung child fails the test instead of hanging it
+        while not (marks / name).exists():
+            assert proc.poll() is None, f"the child exited before {name}: {proc.communicate()[1][-3000:]}"
+            assert time.monotonic() < give_up, f"the child never wrote {name}"
+            time.sleep(0.01)
+
+    try:
+        wait_for("in-step")
+        proc.send_signal(signal.SIGINT)
+        (marks / "first-sent").touch()
+        wait_for("first-handled")
+        if presses == 2:
+            proc.send_signal(signal.SIGINT)
+        (marks / "second-sent").touch()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert "gptforge: interrupted" in err
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    stops = [e for e in events if e["kind"] == "event" and e["event"] == "stopped"]
+    if presses == 1:  # graceful: the update finished, was saved, and the stop was logged
+        assert (marks / "step-finished").exists()
+        assert runs.read_info(run / "checkpoints" / "latest")["step"] == 3
+        assert [(e["reason"], e["step"]) for e in stops] == [("interrupted", 3)]
+    else:  # at once: inside update 3, before it finished; no checkpoint, no stop record
+        assert not (marks / "step-finished").exists()
+        assert not (run / "checkpoints" / "latest").exists() and stops == []
+        assert max(e["step"] for e in events if e["kind"] == "train") == 2
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, read_metrics, monkeypatch):
@@ -434,7 +553,7 @@ def test_compile_warm_up_is_reported_apart(tiny_config, tmp_path, read_metrics):
     train(tiny_config(*common), tmp_path / "eager")
     events = read_metrics(tmp_path / "compiled", "event")
     compiled = [e for e in events if e["event"] == "compiled"]
-    assert len(compiled) == 1 and compiled[0]["step"] == 1 and compiled[0]["seconds"] > 0
+    assert len(compiled) == 1 and compiled[0]["step"] == 1 and isinstance(compiled[0]["seconds"], float)
     records = read_metrics(tmp_path / "compiled", "train")
     assert "tokens_per_s" not in records[0] and "mfu" not in records[0]
     assert all("tokens_per_s" in r and "mfu" in r for r in records[1:])
@@ -444,7 +563,7 @@ def test_compile_warm_up_is_reported_apart(tiny_config, tmp_path, read_metrics):
         assert not any("_orig_mod" in k for k in f.keys())
 
 
-def test_muon_trains_checkpoints_and_resumes_exactly(tiny_config, tmp_path, read_metrics):
+def test_muon_trains_checkpoints_and_resumes_exactly(tiny_config, tmp_path, read_metrics, step_calls, starts):
     """optim.name = muon: PyTorch's Muon on the blocks' matrices, AdamW on the rest, each with its own
     LR under one schedule; its state (both parts) is in the checkpoint, so resume is exact."""
     from gptforge.train.muon import Muon
@@ -459,8 +578,11 @@ def test_muon_trains_checkpoints_and_resumes_exactly(tiny_config, tmp_path, read
     train(tiny_config("train.max_steps=12", *common), tmp_path / "twice")
     state = ckpt.load_state(tmp_path / "twice" / "checkpoints" / "latest")
     assert set(state["optimizer"]) == {"muon", "adamw"} and state["optimizer"]["muon"]["state"]
+    step_calls.clear()
     train(resume_config(tmp_path / "twice", ["train.max_steps=30"]), tmp_path / "twice", resume=True)
     assert [r["loss"] for r in read_metrics(tmp_path / "twice", "train")] == losses
+    assert step_calls == list(range(12, 30))  # only the updates after the checkpoint were computed
+    assert starts(tmp_path / "twice") == [("started", 0), ("resumed", 12)]
 
     trainer = Trainer(tiny_config("train.max_steps=1", *common), tmp_path / "look")
     opt = trainer.optimizer
