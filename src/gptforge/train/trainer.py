@@ -212,6 +212,7 @@ class Trainer:
         # update) agreed at the last sync step, extrapolated between them (see _agreed_elapsed).
         self._sync_clock = (0, 0.0, 0.0)
         self._warmup_clip_logged = False
+        self._agreed_exit = False  # the ranks end together (see _finish)
         self._last_sample_step = -1
 
         if self.auto is not None:  # measuring the rungs took part of the budget
@@ -303,6 +304,7 @@ class Trainer:
                 if interrupted:  # Ctrl-C or SIGTERM on some rank: the step is complete, save it
                     self.save_checkpoint()
                     self.log.event("stopped", reason="interrupted", value=self.step, step=self.step)
+                    self._agreed_exit = True
                     raise KeyboardInterrupt
                 if stopped_by:
                     break
@@ -320,6 +322,7 @@ class Trainer:
             self._finish()
             raise
         stop.uninstall()
+        self._agreed_exit = True
         self._finish()
         return TrainResult(run_dir=self.run_dir, step=self.step, tokens=self.tokens,
                            train_loss=self.last_train_loss, val_loss=self.last_val_loss, stopped_by=stopped_by,
@@ -729,6 +732,10 @@ class Trainer:
                 plot_run(self.run_dir)
             except Exception as e:  # the run's results matter more than its picture
                 print(f"gptforge: could not draw {self.run_dir / 'loss.png'}: {type(e).__name__}: {e}")
+        if self._agreed_exit:
+            # Every rank ends here together (a finished run, or a stop they agreed on): none may exit
+            # while rank 0 still writes, or torchrun would end rank 0 mid-write.
+            self.rt.barrier()
         self.rt.close()
         self._lock.release()
 
