@@ -179,8 +179,9 @@ def main() -> None:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     plot(rows, RESULTS / "auto_sweep.png")
-    text = (f"Measured on {machine_summary()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-            f"load average at the start of each run in docs/results/auto_sweep.jsonl.\n\n" + table(rows))
+    threads = args.threads or torch.get_num_threads()
+    text = (f"Measured on {machine_summary(torch.device('cpu'))}, torch {torch.__version__}, {threads} thread(s); "
+            f"the load average at the start of each run is in docs/results/auto_sweep.jsonl.\n\n" + table(rows))
     update_section(DOC, "bench:auto", text)
     if not math.isfinite(min(r["val_loss"] for r in rows)):
         raise SystemExit("a run diverged")
