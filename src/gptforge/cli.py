@@ -226,7 +226,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> None:
     import math
 
-    from gptforge.train.trainer import evaluate_run
+    from gptforge.evaluate import evaluate_run
 
     r = evaluate_run(args.run, split=args.split, which=args.checkpoint, device=args.device, dtype=args.dtype,
                      batch_size=args.batch_size)

@@ -28,31 +28,38 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 
 from gptforge import runs
-from gptforge.bpb import bits_per_byte, byte_table, target_bytes
-from gptforge.config import AUTO, Config, load_config
+from gptforge.bpb import byte_table
+from gptforge.config import AUTO, Config
+from gptforge.data.identity import DATA_IDENTITY, check_data_identity, save_data_identity
 from gptforge.data.tokenizers import load_tokenizer
 from gptforge.data.tokens import BatchSampler, prepare
 from gptforge.errors import GptforgeError
+from gptforge.evaluate import EvalLoss, evaluate_run, mean_loss, split_loss, split_windows
 from gptforge.generate import Generator  # samples written while training (train.sample_every)
-from gptforge.io import RunLock, atomic_write_text
+from gptforge.io import RunLock
 from gptforge.model import GPT
+from gptforge.runtime import (
+    Runtime,
+    grad_scaler,
+    resolve_dtype,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    setup_runtime,
+)
 from gptforge.train import checkpoint as ckpt
 from gptforge.train.metrics import MetricsLogger, device_peak_flops, mfu
 from gptforge.train.optim import (
@@ -64,15 +71,13 @@ from gptforge.train.optim import (
     warmup_updates,
 )
 from gptforge.train.plan import RunPlan, plan_run
-from gptforge.train.runtime import (
-    Runtime,
-    grad_scaler,
-    resolve_dtype,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-    setup_runtime,
-)
+from gptforge.train.prefetch import _Prefetcher
+from gptforge.train.signals import _StopRequest
+
+# Evaluation and the data-identity file live outside the training package (gptforge.evaluate,
+# gptforge.data.identity); their old names here keep working.
+__all__ = ["DATA_IDENTITY", "EvalLoss", "TrainResult", "Trainer", "check_data_identity", "evaluate_run",
+           "mean_loss", "save_data_identity", "split_loss", "split_windows", "train"]
 
 EvalHook = Callable[[int, dict], None]
 
@@ -791,222 +796,3 @@ class Trainer:
         runs.load_weights(self.raw_model, latest, self.rt.device)
         # On the CPU: RNG states must be CPU tensors; optimizer.load_state_dict moves its state to the weights.
         self.load_state_dict(ckpt.load_state(latest, map_location="cpu"))
-
-
-# --------------------------------------------------------------------------------------------- run set-up
-
-DATA_IDENTITY = "data.json"
-
-
-def _dir_sha256(directory: Path) -> str:
-    """sha256 over a directory's files (names and contents, sorted): a saved tokenizer's identity."""
-    h = hashlib.sha256()
-    for p in sorted(Path(directory).rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(directory).as_posix().encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()
-
-
-def save_data_identity(run_dir: Path, data: Any) -> None:
-    """RUN/data.json: the sha256 of the corpus text and of the run's tokenizer, and the split sizes, so
-    that resuming or evaluating on other data is refused instead of silently training on it."""
-    m = data.meta
-    identity = {"corpus_sha256": m["source_sha256"], "tokenizer_sha256": _dir_sha256(run_dir / "tokenizer"),
-                "tokenizer": m["tokenizer"], "sources": m.get("sources"), "train_tokens": m["train_tokens"],
-                "val_tokens": m["val_tokens"]}
-    atomic_write_text(run_dir / DATA_IDENTITY, json.dumps(identity, indent=2) + "\n")
-
-
-def check_data_identity(run_dir: Path, data: Any) -> None:
-    """Raise GptforgeError when the corpus or tokenizer differs from the one the run recorded. Runs from
-    before data.json existed are not checked."""
-    path = Path(run_dir) / DATA_IDENTITY
-    if not path.is_file():
-        return
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise GptforgeError(f"{path} is damaged; it records which data {run_dir} was trained on") from None
-    way_out = (f"restore that data, or continue on the new text in a new run: gptforge train --init {run_dir} "
-               "--out NEW_RUN ...")
-    now = data.meta["source_sha256"]
-    if recorded.get("corpus_sha256") != now:
-        raise GptforgeError(f"the corpus of {run_dir} changed: sha256 {str(recorded.get('corpus_sha256'))[:16]} when "
-                            f"it was trained, {now[:16]} now ({', '.join(data.meta.get('sources') or [])}); "
-                            + way_out)
-    tok_now = _dir_sha256(Path(run_dir) / "tokenizer")
-    if recorded.get("tokenizer_sha256") != tok_now:
-        raise GptforgeError(f"the tokenizer of {run_dir} changed: sha256 {str(recorded.get('tokenizer_sha256'))[:16]} "
-                            f"when it was trained, {tok_now[:16]} now ({Path(run_dir) / 'tokenizer'}); " + way_out)
-
-
-# --------------------------------------------------------------------------------------------- eval
-
-
-class EvalLoss(NamedTuple):
-    """An evaluation's result: the mean cross-entropy (nats/token) over `tokens` predicted tokens, and
-    the UTF-8 bytes those tokens spell (None when no byte table was given)."""
-
-    loss: float
-    tokens: int
-    bytes: int | None = None
-
-    @property
-    def bpb(self) -> float | None:
-        """Bits per byte: the total nats (loss x tokens) / (bytes x ln 2); see gptforge.bpb."""
-        return None if self.bytes is None else bits_per_byte(self.loss * self.tokens, self.bytes)
-
-
-@torch.no_grad()
-def mean_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], rt: Runtime,
-              token_bytes: torch.Tensor | None = None) -> EvalLoss:
-    """The one mean cross-entropy of evaluation: (loss, tokens, bytes) over every target != -1 of every
-    (x, y) batch, token-weighted, summed over ranks under DDP. The periodic estimate, the train_full stop
-    metric and `gptforge eval` all go through it, in whatever precision `rt` says (float32 for all three).
-    `token_bytes` (gptforge.bpb.byte_table) counts the bytes of the targets, for bits per byte."""
-    loss_sum, tokens_counted, bytes_counted = 0.0, 0, 0
-    for x, y in batches:
-        count = int((y != -1).sum())
-        if token_bytes is not None:
-            bytes_counted += target_bytes(y, token_bytes)
-        with rt.autocast():
-            _, loss = model(x.to(rt.device), y.to(rt.device))
-        loss_sum += float(loss) * count  # float64 on the host: exact enough for millions of tokens
-        tokens_counted += count
-    loss_sum, tokens_counted, bytes_counted = _sum_over_ranks(rt, [loss_sum, tokens_counted,
-                                                                   bytes_counted]).tolist()
-    return EvalLoss(loss_sum / tokens_counted, int(tokens_counted),
-                    int(bytes_counted) if token_bytes is not None else None)
-
-
-def split_windows(tokens: np.ndarray, block_size: int, batch_size: int, rank: int = 0, world_size: int = 1
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """A whole split as batches of windows of block_size with stride block_size, so every token but the
-    first is predicted exactly once. The last window is shorter: its missing targets are -1 (ignored).
-    Under DDP each rank takes every world_size-th window."""
-    n = len(tokens)
-    if n < 2:
-        raise GptforgeError(f"a split of {n} token(s) has nothing to predict; give more text")
-    num_windows = math.ceil((n - 1) / block_size)
-    mine = list(range(rank, num_windows, world_size))
-    for b in range(0, len(mine), batch_size):
-        windows = mine[b:b + batch_size]
-        x = torch.zeros((len(windows), block_size), dtype=torch.int64)
-        y = torch.full((len(windows), block_size), -1, dtype=torch.int64)
-        for row, w in enumerate(windows):
-            start = w * block_size
-            chunk = torch.from_numpy(np.asarray(tokens[start:start + block_size + 1], dtype=np.int64))
-            length = len(chunk) - 1
-            x[row, :length] = chunk[:-1]
-            y[row, :length] = chunk[1:]
-        yield x, y
-
-
-def split_loss(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_size: int, rt: Runtime,
-               rank: int = 0, world_size: int = 1, token_bytes: torch.Tensor | None = None) -> EvalLoss:
-    """Exact mean cross-entropy over a whole split (see split_windows): (mean loss, tokens, bytes)."""
-    return mean_loss(model, split_windows(tokens, block_size, batch_size, rank, world_size), rt, token_bytes)
-
-
-def _sum_over_ranks(rt: Runtime, values: list[float]) -> torch.Tensor:
-    """float64 sums over ranks, on the device the process group needs (float64 stays on the host
-    otherwise: MPS has no float64)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if rt.distributed:
-        t = rt.all_reduce_sum(t.to(rt.device)).cpu()
-    return t
-
-
-def evaluate_run(run: str | Path, split: str = "val", which: str = "latest", device: str = "auto",
-                 dtype: str = "float32", batch_size: int | None = None) -> dict[str, Any]:
-    """`gptforge eval RUN`: exact mean cross-entropy of a checkpoint over a whole split.
-
-    float32 by default, so the number does not depend on the precision the run trained in.
-    Returns {"split", "loss", "tokens", "bytes", "bpb", "checkpoint", "step"}: bytes are the UTF-8
-    bytes of the predicted tokens, bpb the bits per byte over them (see gptforge.bpb)."""
-    if split not in ("train", "val"):
-        raise GptforgeError(f"split {split!r} is unknown; use 'train' or 'val'")
-    run = Path(run)
-    path = runs.resolve_checkpoint(run, which)
-    run_dir = runs.run_dir_of(path)
-    config = load_config(run_dir / "config.toml")
-    rt = setup_runtime(device, dtype)
-    model, tokenizer, info = runs.load_model(path, device=rt.device)
-    d = config.data
-    data = prepare(d.corpus, tokenizer=tokenizer, val_fraction=d.val_fraction,
-                   bpe_vocab_size=d.bpe_vocab_size if d.tokenizer == "bpe" else None, **d.prepare_options())
-    check_data_identity(run_dir, data)
-    tokens = data.train if split == "train" else data.val
-    if tokens is None:
-        raise GptforgeError(f"{run_dir} was trained without a validation split (data.val_fraction = 0); "
-                            "use --split train")
-    r = split_loss(model, tokens, model.config.block_size, batch_size or config.train.batch_size, rt,
-                   token_bytes=byte_table(tokenizer))
-    return {"split": split, "loss": r.loss, "tokens": r.tokens, "bytes": r.bytes, "bpb": r.bpb,
-            "checkpoint": str(path), "step": info.get("step")}
-
-
-# --------------------------------------------------------------------------------------------- batches
-
-
-class _Prefetcher:
-    """The training batches, one micro-batch ahead: the next one is drawn and copied to the device
-    (from pinned memory, asynchronously, on CUDA) while the device still computes the current step.
-
-    state_dict() is the sampler's position *before* the batch held in advance, so a checkpoint
-    resumes at the first batch not yet trained on and resume stays exact."""
-
-    def __init__(self, sampler: Any, device: torch.device) -> None:
-        self.sampler, self.device = sampler, device
-        self.pin = device.type == "cuda"
-        self._next: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._state_before_next: dict[str, Any] | None = None
-
-    def _fetch(self) -> None:
-        self._state_before_next = self.sampler.state_dict()
-        x, y = self.sampler.next_batch()
-        if self.pin:
-            x, y = x.pin_memory(), y.pin_memory()
-        self._next = (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._next is None:
-            self._fetch()
-        batch = self._next
-        self._fetch()
-        return batch  # type: ignore[return-value]
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self._state_before_next) if self._next is not None else self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state)
-        self._next = self._state_before_next = None
-
-
-# --------------------------------------------------------------------------------------------- signals
-
-
-class _StopRequest:
-    """SIGINT/SIGTERM set a flag that the loop checks between steps (so the step finishes and the
-    checkpoint is consistent); a second Ctrl-C interrupts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handler)
-
-    def uninstall(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old.clear()
