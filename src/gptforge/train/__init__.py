@@ -6,7 +6,8 @@
 
 Modules: optim (optimizers, LR schedule), checkpoint (atomic checkpoint writes, training state),
 metrics (logger, MFU), init (train.init), plan (the config resolved once), auto (model.preset = "auto"),
-prefetch (batches one step ahead), signals (Ctrl-C/SIGTERM), trainer (the loop). The device set-up
+prefetch (batches one step ahead), signals (Ctrl-C/SIGTERM), readback (what the loop reads from the
+device, and when), clock (the training clock and time budget), trainer (the loop). The device set-up
 (gptforge.runtime) and evaluation (gptforge.evaluate) live outside this package: evaluating or
 sampling a run never loads it. `runtime` here re-exports gptforge.runtime.
 """

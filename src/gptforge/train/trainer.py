@@ -61,6 +61,7 @@ from gptforge.runtime import (
     setup_runtime,
 )
 from gptforge.train import checkpoint as ckpt
+from gptforge.train.clock import _BudgetClock
 from gptforge.train.metrics import MetricsLogger, device_peak_flops, mfu
 from gptforge.train.optim import (
     configure_optimizer,
@@ -72,6 +73,7 @@ from gptforge.train.optim import (
 )
 from gptforge.train.plan import RunPlan, plan_run
 from gptforge.train.prefetch import _Prefetcher
+from gptforge.train.readback import _ReadBack
 from gptforge.train.signals import _StopRequest
 
 # Evaluation and the data-identity file live outside the training package (gptforge.evaluate,
@@ -112,8 +114,11 @@ def train(config: Config, out_dir: str | Path, resume: bool = False,
     return trainer.train()
 
 
-class Trainer:
+class Trainer(_ReadBack, _BudgetClock):
     """One run: model, optimizer, data stream and counters; `train()` drives it."""
+
+    # Beside the loop: the device read-backs (_ReadBack, train/readback.py) and the training clock
+    # (_BudgetClock, train/clock.py) are methods of this class kept in files named for them.
 
     def __init__(self, config: Config, out_dir: str | Path, resume: bool = False,
                  eval_hook: EvalHook | None = None, clock: Callable[[], float] | None = None) -> None:
@@ -564,116 +569,6 @@ class Trainer:
         self.log.event("stopped", reason="nan", metric=what, value=str(value), step=step)
         raise GptforgeError(f"the {what} became {value} at step {step} (that update was not applied); {where}; "
                             "lower optim.lr, set optim.grad_clip, or use train.dtype=bfloat16/float32")
-
-    # ------------------------------------------------------------------------------------ the device
-
-    def _step_unless(self, bad: torch.Tensor) -> None:
-        """optimizer.step() unless `bad` (a bool tensor on the device) is set, without reading it back:
-        fused optimizers take a found_inf flag and skip the update on the device, the mechanism
-        GradScaler uses. Others read the flag back (a host sync per step, as before)."""
-        # MPS's fused AdamW kernel ignores found_inf: there the flag is read back like elsewhere.
-        if getattr(self.optimizer, "_step_supports_amp_scaling", False) and self.rt.device.type != "mps":
-            self.optimizer.found_inf = bad.to(torch.float32)  # type: ignore[attr-defined]
-            self.optimizer.grad_scale = None  # type: ignore[attr-defined]
-            try:
-                self.optimizer.step()
-            finally:
-                del self.optimizer.found_inf, self.optimizer.grad_scale  # type: ignore[attr-defined]
-        elif not bool(bad):
-            self.optimizer.step()
-
-    def _watch_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Remember, on the device, the first update whose loss (or, without a GradScaler, gradient
-        norm) was not finite; _read_back turns it into the error that stops the run."""
-        bad_loss = ~torch.isfinite(loss)
-        bad = bad_loss if self.scaler.is_enabled() else bad_loss | ~torch.isfinite(grad_norm)
-        first = bad & (self._bad_step < 0)
-        self._bad_step = torch.where(first, self.step + 1, self._bad_step)
-        self._bad_what = torch.where(first, torch.where(bad_loss, 0, 1), self._bad_what)
-        self._bad_value = torch.where(first, torch.where(bad_loss, loss.float(), grad_norm.float()),
-                                      self._bad_value)
-
-    def _is_sync_step(self, stop_requested: bool, time_up: bool) -> bool:
-        """Whether this step reads its results back: log, evaluation and checkpoint steps, the last
-        step, the end of a time budget, and (in one process) a Ctrl-C. Under DDP a Ctrl-C is agreed on
-        at the next such step, so every rank stops at the same one; the end of a budget is decided on
-        the agreed clock, the same on every rank (see _time_is_up)."""
-        t, s = self.config.train, self.step
-        return (s == 1 or s % t.log_every == 0 or s % t.eval_every == 0 or s % t.checkpoint_every == 0
-                or (bool(t.sample_every) and s % t.sample_every == 0)
-                or (t.max_steps is not None and s >= t.max_steps)
-                or (t.max_tokens is not None and self.tokens >= t.max_tokens)
-                or time_up or (stop_requested and not self.rt.distributed))
-
-    def _read_back(self, loss: torch.Tensor, grad_norm: torch.Tensor, stop_requested: bool,
-                   time_up: bool) -> tuple[float, float, bool]:
-        """The host's view at a sync step: (mean loss over ranks, grad norm, interrupted). Every rank
-        agrees on the flags and on the training clock (one all-reduce); a non-finite update since the
-        last sync raises."""
-        if self.rt.distributed:
-            host = torch.tensor([float(stop_requested), float(time_up), self.elapsed], dtype=torch.float64)
-            flags = torch.cat([loss.detach().double().reshape(1), host.to(loss.device),
-                               (self._bad_step >= 0).double().reshape(1)])
-            loss_sum, stops, _, elapsed_sum, bads = self.rt.all_reduce_sum(flags).tolist()
-            mean_loss, interrupted, any_bad = loss_sum / self.world, stops > 0, bads > 0
-            step0, elapsed0, _ = self._sync_clock
-            agreed = elapsed_sum / self.world
-            per_update = (agreed - elapsed0) / (self.step - step0) if self.step > step0 else 0.0
-            self._sync_clock = (self.step, agreed, per_update)
-            # Every rank's own clock is set to the agreed one, so the seconds logged and checkpointed
-            # (by rank 0) are the job's, not one rank's.
-            self._clock_start += self.elapsed - agreed
-            self.elapsed = agreed
-            # The end of the budget is read on the agreed clock itself, not on the extrapolation that
-            # made this a sync step (it may run ahead after a slow first update).
-            max_time = self.config.train.max_time
-            self._time_up = max_time is not None and agreed >= max_time
-        else:
-            mean_loss, interrupted, self._time_up = float(loss), stop_requested, time_up
-            any_bad = int(self._bad_step) >= 0
-        if any_bad:
-            step = int(self._bad_step)
-            if step < 0:  # another rank's loss
-                self._stop_on_nan("training loss", float("nan"), self.step)
-            what = "training loss" if int(self._bad_what) == 0 else "gradient norm"
-            self._stop_on_nan(what, float(self._bad_value), step)
-        return mean_loss, float(grad_norm), interrupted
-
-    def _tick(self) -> None:
-        """self.elapsed: the training clock (see the module docstring), summed over resumed runs."""
-        self.elapsed = self.elapsed_start + self.clock() - self._clock_start
-
-    def _agreed_elapsed(self) -> float:
-        """Under DDP, the training clock every rank agrees on without talking: the mean over ranks at the
-        last sync step, plus the seconds per update measured between the last two sync steps for each
-        update since. One process reads its own clock."""
-        if not self.rt.distributed:
-            return self.elapsed_start + self.clock() - self._clock_start
-        step0, elapsed0, per_update = self._sync_clock
-        return elapsed0 + (self.step - step0) * per_update
-
-    def _progress(self) -> float:
-        """The fraction of train.max_time spent when the coming update ends: the clock now plus the last
-        update's seconds (one process; under DDP the agreed seconds per update), so the update that uses
-        up the budget is the one that reaches min_lr."""
-        if self.rt.distributed:
-            step0, elapsed0, per_update = self._sync_clock
-            seconds = elapsed0 + (self.step + 1 - step0) * per_update
-        else:
-            seconds = self._agreed_elapsed() + self._update_s
-        return seconds / self.config.train.max_time  # type: ignore[operator]
-
-    def _time_is_up(self) -> bool:
-        """train.max_time spent, on this process's clock (one process) or the agreed one (DDP)."""
-        max_time = self.config.train.max_time
-        if max_time is None:
-            return False
-        return (self._agreed_elapsed() if self.rt.distributed else self.elapsed) >= max_time
-
-    def _synchronize(self) -> None:
-        if self.rt.device.type == "cuda":
-            torch.cuda.synchronize(self.rt.device)
-
 
     def _log_train(self, loss: float, grad_norm: float, lr: float) -> None:
         now = self.clock()
