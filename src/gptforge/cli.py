@@ -390,7 +390,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> None:
-    from gptforge.hf import export_run
+    from gptforge.export import export_run
 
     out = export_run(args.run, args.out, which=args.checkpoint, force=args.force)
     print(f"wrote {out}: load it with transformers (pipeline('text-generation', model='{out}')), "
