@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, machine_summary, update_section  # noqa: E402
 
 from gptforge.config import load_config  # noqa: E402
+from gptforge.evaluate import evaluate_run  # noqa: E402
 from gptforge.train import auto  # noqa: E402
-from gptforge.train.trainer import evaluate_run, train  # noqa: E402
+from gptforge.train.trainer import train  # noqa: E402
 
 DOC = REPO / "docs" / "auto.md"
 RESULTS = REPO / "docs" / "results"
@@ -79,7 +80,7 @@ def run_one(name: str, corpus: str, tokenizer: str, budget: float, out_root: Pat
         cfg = load_config(None, ["model.preset=auto", *overrides])
     else:
         cfg = auto.apply_rung(load_config(None, overrides), rung)
-        from gptforge.train.runtime import setup_runtime
+        from gptforge.runtime import setup_runtime
 
         if auto.runtime_for(rung, cfg, setup_runtime("cpu", "auto")).dtype == torch.float32:
             cfg.train.dtype = "float32"  # the precision auto would give this shape: like with like

@@ -106,7 +106,7 @@ def training_step(loss_fn, x: torch.Tensor, y: torch.Tensor, optimizer, scaler, 
                   dtype: torch.dtype) -> torch.Tensor:
     """One update as Trainer.train_step makes it for one micro-batch (autocast, GradScaler, clipping at
     1.0, the optimizer's step); the loss comes back detached, on the device (reading it is a sync)."""
-    from gptforge.train.runtime import autocast
+    from gptforge.runtime import autocast
 
     with autocast(device, dtype):
         loss = loss_fn(x, y)

@@ -399,9 +399,9 @@ def throughput_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from train_throughput import GPT2_VOCAB, flops_per_token
 
     from gptforge.config import OptimConfig
+    from gptforge.runtime import DTYPES, grad_scaler
     from gptforge.train.metrics import device_peak_flops
     from gptforge.train.optim import configure_optimizer
-    from gptforge.train.runtime import DTYPES, grad_scaler
 
     if spec["model"] == "hf":
         import transformers  # noqa: F401  (before the memory baseline)

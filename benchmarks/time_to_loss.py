@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, machine_summary, update_section  # noqa: E402
 
 from gptforge.config import load_config  # noqa: E402
-from gptforge.train.trainer import Trainer, evaluate_run  # noqa: E402
+from gptforge.evaluate import evaluate_run  # noqa: E402
+from gptforge.train.trainer import Trainer  # noqa: E402
 
 DEFAULT_CONFIGS = ["configs/nanogpt-cpu-char.toml", "configs/tinyshakespeare-char-30s.toml",
                    "configs/tinyshakespeare-char.toml", "configs/tinyshakespeare-char-10min.toml"]

@@ -84,8 +84,8 @@ def flops_per_token(shape: dict[str, int]) -> float:
 def worker(spec: dict) -> dict:
     """One measurement in this (fresh) process."""
     from gptforge.config import OptimConfig
+    from gptforge.runtime import grad_scaler
     from gptforge.train.optim import configure_optimizer
-    from gptforge.train.runtime import grad_scaler
 
     if spec["model"] == "hf":
         import transformers  # noqa: F401  (imported before the baseline so its RSS is not counted)

@@ -301,7 +301,7 @@ def test_export_of_a_run_without_checkpoint_is_one_line(tmp_path, capsys):
 
 
 def test_a_failed_export_leaves_nothing_half_written(runs, tmp_path, monkeypatch):
-    import gptforge.hf as hf
+    import gptforge.export as hf  # export_run looks write_tokenizer up in gptforge.export
 
     out = tmp_path / "out"
     out.mkdir()

@@ -226,7 +226,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> None:
     import math
 
-    from gptforge.train.trainer import evaluate_run
+    from gptforge.evaluate import evaluate_run
 
     if args.batch_size is not None and args.batch_size < 1:
         raise GptforgeError(f"--batch-size {args.batch_size} is out of range; give a positive number of windows "
@@ -396,7 +396,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> None:
-    from gptforge.hf import export_run
+    from gptforge.export import export_run
 
     out = export_run(args.run, args.out, which=args.checkpoint, force=args.force)
     print(f"wrote {out}: load it with transformers (pipeline('text-generation', model='{out}')), "

@@ -29,190 +29,47 @@ trial that ran to an answer, and only trials that never got one (killed) are re-
 
 Files in SWEEP: `study.db` (SQLite storage unless --storage), `base.toml` (the resolved base
 config), `trials/NNNN/` (run directories), `trials.csv`, `best.toml`, `history.png`, `params.png`.
+The search is here; the space syntax and the study storage are gptforge.sweep_space, the table,
+trials.csv, best.toml and the plots gptforge.sweep_report.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import os
-import re
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gptforge.errors import GptforgeError
-from gptforge.io import atomic_write_text, write_atomically
 
-# Study-level user attribute holding everything a worker or a resumed sweep needs.
-_ATTR = "gptforge_sweep"
+# The space syntax and the study's storage (gptforge.sweep_space), the table, best.toml and the plots
+# (gptforge.sweep_report): their public names stay importable from here.
+from gptforge.sweep_report import SweepResult, TrialRow, format_table, report
+from gptforge.sweep_space import (
+    _ATTR,
+    OBJECTIVES,
+    Param,
+    _fmt,
+    _load_settings,
+    _override,
+    _storage,
+    parse_budget,
+    parse_space,
+)
+
+__all__ = ["OBJECTIVES", "PRUNERS", "Param", "SweepResult", "TrialRow", "format_table", "parse_budget",
+           "parse_space", "report", "run_worker", "sweep"]
+
 # Trial states that count towards --trials (RUNNING too, so parallel workers do not overshoot).
 _COUNTED = ("COMPLETE", "PRUNED", "RUNNING")
 PRUNERS = ("median", "halving", "none")
-# objective -> (table header, axis label); the trainer logs both in every evaluation record.
-OBJECTIVES = {"val_loss": ("val loss", "validation loss (nats/token)"),
-              "val_bpb": ("val bpb", "validation bits per byte")}
-
-
-# --------------------------------------------------------------------------------------------- space
-
-
-@dataclass(frozen=True)
-class Param:
-    """One searched config field: `key` is `section.field`; `kind` is float, int or categorical."""
-
-    key: str
-    kind: str
-    low: float | int | None = None
-    high: float | int | None = None
-    log: bool = False
-    choices: tuple[Any, ...] = ()
-    spec: str = ""
-
-    def suggest(self, trial: Any) -> Any:
-        if self.kind == "float":
-            return trial.suggest_float(self.key, self.low, self.high, log=self.log)
-        if self.kind == "int":
-            return trial.suggest_int(self.key, self.low, self.high, log=self.log)
-        return trial.suggest_categorical(self.key, list(self.choices))
-
-
-_KEY = re.compile(r"^[a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*$")
-_INT = re.compile(r"^[+-]?\d+$")
-
-
-def _typed(text: str) -> Any:
-    """A categorical literal as the type it reads as: int, float, bool, or else a string."""
-    text = text.strip()
-    if _INT.match(text):
-        return int(text)
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def parse_space(spec: str) -> Param:
-    """Parse one `--space` value.
-
-    `KEY=log:a..b` log-uniform, `KEY=a..b` uniform (int when both ends are integer literals, else
-    float), `int:` / `float:` force the type (`KEY=log:int:16..256`), `KEY=v1,v2,...` categorical
-    with each value typed (int, float, bool, string); a single value fixes the field.
-    """
-    key, sep, rhs = spec.partition("=")
-    key, rhs = key.strip(), rhs.strip()
-    if not sep or not _KEY.match(key) or not rhs:
-        raise GptforgeError(f"bad --space {spec!r}; write KEY=RANGE with KEY like optim.lr "
-                            "and RANGE like log:1e-4..3e-3, 0..0.2, int:2..8 or 4,6,8")
-    body, log, forced = rhs, False, None
-    while True:
-        prefix, colon, rest = body.partition(":")
-        if not colon or prefix not in ("log", "int", "float"):
-            break
-        if prefix == "log":
-            log = True
-        else:
-            forced = prefix
-        body = rest
-    if ".." in body:
-        lo_text, _, hi_text = body.partition("..")
-        try:
-            lo, hi = float(lo_text), float(hi_text)
-        except ValueError:
-            raise GptforgeError(f"bad range in --space {spec!r}; both ends must be numbers, "
-                                "e.g. optim.lr=log:1e-4..3e-3") from None
-        kind = forced or ("int" if _INT.match(lo_text.strip()) and _INT.match(hi_text.strip()) else "float")
-        if kind == "int":
-            if lo != int(lo) or hi != int(hi):
-                raise GptforgeError(f"--space {spec!r} is int: its ends must be whole numbers")
-            lo, hi = int(lo), int(hi)
-        if not lo < hi:
-            raise GptforgeError(f"--space {spec!r}: the low end must be below the high end")
-        if log and lo <= 0:
-            raise GptforgeError(f"--space {spec!r}: a log range needs a positive low end")
-        return Param(key, kind, lo, hi, log, spec=spec)
-    if log or forced:
-        raise GptforgeError(f"--space {spec!r}: log:/int:/float: apply to a range a..b, not a list")
-    choices = tuple(_typed(v) for v in body.split(",") if v.strip())
-    if len(set(map(repr, choices))) != len(choices):
-        raise GptforgeError(f"--space {spec!r} lists a value twice")
-    return Param(key, "categorical", choices=choices, spec=spec)
-
-
-def parse_budget(budget: str | None) -> list[str]:
-    """`60s`, `10m`, `500steps` or `2Mtokens` as trainer overrides (the per-trial stopping rule)."""
-    if not budget:
-        return []
-    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|steps?|k?tokens|M?tokens)\s*$", budget)
-    if not m:
-        raise GptforgeError(f"bad --budget-per-trial {budget!r}; use e.g. 60s, 5m, 500steps or 2Mtokens")
-    n, unit = float(m.group(1)), m.group(2)
-    if unit in ("s", "m", "h"):
-        return [f"train.max_time={n * {'s': 1, 'm': 60, 'h': 3600}[unit]:g}"]
-    if unit.startswith("step"):
-        return [f"train.max_steps={int(n)}"]
-    scale = {"k": 1_000, "M": 1_000_000}.get(unit[0], 1)
-    return [f"train.max_tokens={int(n * scale)}"]
-
-
-def _override(key: str, value: Any) -> str:
-    """A `section.key=value` override the config loader parses back to the same value."""
-    if isinstance(value, bool):
-        return f"{key}={'true' if value else 'false'}"
-    if isinstance(value, float):
-        return f"{key}={value!r}"
-    return f"{key}={value}"
-
-
-# --------------------------------------------------------------------------------------------- results
-
-
-@dataclass
-class TrialRow:
-    """One line of the results table."""
-
-    number: int
-    params: dict[str, Any]
-    val_loss: float | None
-    """The objective's value: the best validation loss, or bits per byte under objective val_bpb."""
-    steps: int | None
-    time_s: float | None
-    state: str  # complete, pruned, skipped, failed, running, killed, waiting
-    reason: str = ""
-
-
-@dataclass
-class SweepResult:
-    """What `sweep()` returns: the table, the best trial, and where the files are."""
-
-    sweep_dir: Path
-    study_name: str
-    rows: list[TrialRow]
-    best_number: int | None = None
-    best_value: float | None = None
-    best_params: dict[str, Any] = field(default_factory=dict)
-    best_config: Path | None = None
 
 
 # --------------------------------------------------------------------------------------------- study
-
-
-def _storage(url: str | None, sweep_dir: Path):
-    import optuna
-
-    url = url or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
-    engine_kwargs = {}
-    if url.startswith("sqlite"):
-        # Several worker processes write to one SQLite file: wait for the lock instead of
-        # failing with "database is locked" when two trials finish at the same moment.
-        engine_kwargs = {"connect_args": {"timeout": 60}}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
 
 
 def _pruner(name: str, startup_trials: int):
@@ -328,9 +185,6 @@ def _objective(sweep_dir: Path, base_config: Path, params: Sequence[Param], budg
 
     return objective
 
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 # --------------------------------------------------------------------------------------------- sweep
@@ -461,16 +315,6 @@ def _resolved_toml(config, overrides, budget_overrides) -> str:
         return path.read_text(encoding="utf-8")
 
 
-def _load_settings(store, study_name: str) -> dict | None:
-    import optuna
-
-    try:
-        study = optuna.load_study(study_name=study_name, storage=store)
-    except KeyError:
-        return None
-    return study.user_attrs.get(_ATTR)
-
-
 def run_worker(sweep_dir: str | Path, study_name: str, storage: str | None = None, worker: int = 0,
                verbose: bool = True) -> None:
     """Run trials of an existing study until it holds its target number; one per process."""
@@ -541,176 +385,3 @@ def _cuda_device_count() -> int:
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception:  # noqa: BLE001 - no torch or no driver: no GPUs to share out
         return 0
-
-
-# --------------------------------------------------------------------------------------------- report
-
-
-def _rows(study) -> list[TrialRow]:
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        attrs = t.user_attrs
-        state = t.state.name
-        if state == "COMPLETE":
-            shown = "complete"
-        elif state == "PRUNED":
-            shown = attrs.get("outcome", "pruned")
-        elif state == "FAIL":
-            shown = "killed"
-        else:
-            shown = state.lower()
-        value = t.value if state == "COMPLETE" else attrs.get("val_loss")
-        reason = attrs.get("reason", "")
-        if "retry_of" in attrs:
-            reason = (reason + "; " if reason else "") + f"re-run of trial {attrs['retry_of']}"
-        rows.append(TrialRow(t.number, dict(t.params), value, attrs.get("steps"), attrs.get("time_s"),
-                             shown, reason))
-    return rows
-
-
-def report(sweep_dir: str | Path, study_name: str | None = None, storage: str | None = None,
-           verbose: bool = True) -> SweepResult:
-    """Print the table and write trials.csv, best.toml, history.png and params.png."""
-    import optuna
-
-    sweep_dir = Path(sweep_dir)
-    study_name = study_name or sweep_dir.resolve().name
-    store = _storage(storage, sweep_dir)
-    settings = _load_settings(store, study_name)
-    if settings is None:
-        raise GptforgeError(f"no sweep named {study_name!r} in {storage or sweep_dir}")
-    study = optuna.load_study(study_name=study_name, storage=store)
-    rows = _rows(study)
-    keys = [parse_space(s).key for s in settings["space"]]
-    objective = settings.get("objective", "val_loss")
-    _write_csv(sweep_dir / "trials.csv", rows, keys, objective)
-    result = SweepResult(sweep_dir, study_name, rows)
-    complete = [r for r in rows if r.state == "complete"]
-    if complete:
-        best = min(complete, key=lambda r: r.val_loss)
-        result.best_number, result.best_value, result.best_params = best.number, best.val_loss, best.params
-        result.best_config = _write_best(sweep_dir, settings, best)
-    _plot(sweep_dir, rows, [parse_space(s) for s in settings["space"]], objective)
-    if verbose:
-        print(format_table(rows, keys, objective=objective))
-        if result.best_config:
-            print(f"best: trial {result.best_number}, {OBJECTIVES[objective][0]} {result.best_value:.4f}; "
-                  f"config in {result.best_config}")
-        else:
-            print("best: no trial completed")
-    return result
-
-
-def format_table(rows: Sequence[TrialRow], keys: Sequence[str], markdown: bool = False,
-                 objective: str = "val_loss") -> str:
-    """The results table as aligned text (or Markdown for the docs)."""
-    header = ["trial", *keys, OBJECTIVES[objective][0], "steps", "time s", "state", "reason"]
-    lines = [[str(r.number), *(_fmt(r.params[k]) if k in r.params else "-" for k in keys),
-              f"{r.val_loss:.4f}" if r.val_loss is not None else "-",
-              str(r.steps) if r.steps is not None else "-",
-              f"{r.time_s:.0f}" if r.time_s is not None else "-", r.state, r.reason] for r in rows]
-    if markdown:
-        out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        out += ["| " + " | ".join(c.replace("|", "/") for c in line) + " |" for line in lines]
-        return "\n".join(out)
-    widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=True)]
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
-    return "\n".join([fmt(header), *(fmt(line) for line in lines)])
-
-
-def _write_csv(path: Path, rows: Sequence[TrialRow], keys: Sequence[str], objective: str = "val_loss") -> None:
-    import io
-
-    buf = io.StringIO(newline="")
-    w = csv.writer(buf)
-    w.writerow(["number", *keys, objective, "steps", "time_s", "state", "reason"])
-    for r in rows:
-        w.writerow([r.number, *(r.params.get(k, "") for k in keys),
-                    "" if r.val_loss is None else f"{r.val_loss:.6f}",
-                    "" if r.steps is None else r.steps, "" if r.time_s is None else r.time_s,
-                    r.state, r.reason])
-    write_atomically(path, lambda tmp: tmp.write_text(buf.getvalue(), encoding="utf-8", newline=""))
-
-
-def _write_best(sweep_dir: Path, settings: Mapping[str, Any], best: TrialRow) -> Path:
-    """best.toml: the base config with the best trial's values, ready for `gptforge train --config`."""
-    from gptforge.config import load_config
-
-    overrides = [*settings["budget_overrides"], *(_override(k, v) for k, v in best.params.items())]
-    cfg = load_config(sweep_dir / "base.toml", overrides)
-    path = sweep_dir / "best.toml"
-    label = OBJECTIVES[settings.get("objective", "val_loss")][0]
-    header = (f"# Best trial {best.number} of the sweep in {sweep_dir} ({label} {best.val_loss:.4f}):\n"
-              + "".join(f"#   {k} = {_fmt(v)}\n" for k, v in best.params.items())
-              + f"# Train it with: gptforge train --config {path}\n\n")
-    return atomic_write_text(path, header + cfg.to_toml())
-
-
-# --------------------------------------------------------------------------------------------- plots
-
-
-def _plot(sweep_dir: Path, rows: Sequence[TrialRow], params: Sequence[Param], objective: str = "val_loss") -> None:
-    """history.png (value per trial and best so far) and params.png (value against each parameter)."""
-    # Figure objects without pyplot: drawing never switches the caller's matplotlib backend.
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import NullFormatter
-
-    scored = [r for r in rows if r.val_loss is not None]
-    complete = [r for r in scored if r.state == "complete"]
-    stopped = [r for r in scored if r.state != "complete"]
-
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
-    if complete:
-        ax.scatter([r.number for r in complete], [r.val_loss for r in complete], color="tab:blue",
-                   label="complete", zorder=3)
-    if stopped:
-        ax.scatter([r.number for r in stopped], [r.val_loss for r in stopped], marker="x",
-                   color="tab:gray", label="pruned (best before stopping)", zorder=3)
-    best, xs, ys = math.inf, [], []
-    for r in sorted(complete, key=lambda r: r.number):
-        best = min(best, r.val_loss)
-        xs.append(r.number)
-        ys.append(best)
-    if xs:
-        ax.step(xs, ys, where="post", color="tab:red", label="best so far")
-    ax.set_xlabel("trial")
-    ax.set_ylabel(OBJECTIVES[objective][1])
-    ax.set_title("optimisation history")
-    ax.grid(alpha=0.3)
-    if scored:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(sweep_dir / "history.png", dpi=110)
-
-    n = max(1, len(params))
-    fig = Figure(figsize=(3.6 * n, 3.4))
-    axes = fig.subplots(1, n, sharey=True, squeeze=False)
-    for ax, p in zip(axes[0], params, strict=False):
-        for group, style in ((complete, {"color": "tab:blue"}),
-                             (stopped, {"color": "tab:gray", "marker": "x"})):
-            pts = [(r.params[p.key], r.val_loss) for r in group if p.key in r.params]
-            if not pts:
-                continue
-            if p.kind == "categorical":
-                labels = [str(c) for c in p.choices]
-                x = [labels.index(str(v)) for v, _ in pts]
-            else:
-                x = [v for v, _ in pts]
-            ax.scatter(x, [y for _, y in pts], zorder=3, **style)
-        if p.kind == "categorical":
-            ax.set_xticks(range(len(p.choices)), [str(c) for c in p.choices])
-            ax.set_xlim(-0.5, len(p.choices) - 0.5)
-        elif p.log:
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())  # labels would overlap
-            ax.set_xlim(p.low / 1.2, p.high * 1.2)
-        else:
-            pad = (p.high - p.low) * 0.05
-            ax.set_xlim(p.low - pad, p.high + pad)
-        ax.set_xlabel(p.key)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(OBJECTIVES[objective][1])
-    fig.suptitle(f"{OBJECTIVES[objective][0]} against each parameter (x = pruned)")
-    fig.tight_layout()
-    fig.savefig(sweep_dir / "params.png", dpi=110)

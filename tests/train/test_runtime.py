@@ -60,7 +60,7 @@ def test_rng_state_round_trips_through_weights_only_torch_load(tmp_path):
 
 
 def test_cpu_bf16_detection_reads_cpuinfo_flags(monkeypatch, tmp_path):
-    import gptforge.train.runtime as runtime
+    import gptforge.runtime as runtime
 
     monkeypatch.delenv(runtime.CPU_BF16_ENV, raising=False)
     real_read = runtime.Path.read_text

@@ -37,8 +37,8 @@ from gptforge.config import Config
 from gptforge.data.tokens import BatchSampler
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT, GPTConfig
+from gptforge.runtime import Runtime
 from gptforge.train.optim import configure_optimizer, set_lr
-from gptforge.train.runtime import Runtime
 
 # Training tokens per non-embedding parameter that the chosen rung must still reach in the budget.
 TOKENS_PER_PARAM = 0.5

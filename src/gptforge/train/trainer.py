@@ -28,32 +28,40 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 
 from gptforge import runs
-from gptforge.bpb import bits_per_byte, byte_table, target_bytes
-from gptforge.config import AUTO, Config, load_config
+from gptforge.bpb import byte_table
+from gptforge.config import AUTO, Config
+from gptforge.data.identity import DATA_IDENTITY, check_data_identity, save_data_identity
 from gptforge.data.tokenizers import load_tokenizer
 from gptforge.data.tokens import BatchSampler, prepare
 from gptforge.errors import GptforgeError
+from gptforge.evaluate import EvalLoss, evaluate_run, mean_loss, split_loss, split_windows
 from gptforge.generate import Generator  # samples written while training (train.sample_every)
-from gptforge.io import RunLock, atomic_write_text
+from gptforge.io import RunLock
 from gptforge.model import GPT
+from gptforge.runtime import (
+    Runtime,
+    grad_scaler,
+    resolve_dtype,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    setup_runtime,
+)
 from gptforge.train import checkpoint as ckpt
+from gptforge.train.clock import _BudgetClock
 from gptforge.train.metrics import MetricsLogger, device_peak_flops, mfu
 from gptforge.train.optim import (
     configure_optimizer,
@@ -64,15 +72,14 @@ from gptforge.train.optim import (
     warmup_updates,
 )
 from gptforge.train.plan import RunPlan, plan_run
-from gptforge.train.runtime import (
-    Runtime,
-    grad_scaler,
-    resolve_dtype,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-    setup_runtime,
-)
+from gptforge.train.prefetch import _Prefetcher
+from gptforge.train.readback import _ReadBack
+from gptforge.train.signals import _StopRequest
+
+# Evaluation and the data-identity file live outside the training package (gptforge.evaluate,
+# gptforge.data.identity); their old names here keep working.
+__all__ = ["DATA_IDENTITY", "EvalLoss", "TrainResult", "Trainer", "check_data_identity", "evaluate_run",
+           "mean_loss", "save_data_identity", "split_loss", "split_windows", "train"]
 
 EvalHook = Callable[[int, dict], None]
 
@@ -107,8 +114,11 @@ def train(config: Config, out_dir: str | Path, resume: bool = False,
     return trainer.train()
 
 
-class Trainer:
+class Trainer(_ReadBack, _BudgetClock):
     """One run: model, optimizer, data stream and counters; `train()` drives it."""
+
+    # Beside the loop: the device read-backs (_ReadBack, train/readback.py) and the training clock
+    # (_BudgetClock, train/clock.py) are methods of this class kept in files named for them.
 
     def __init__(self, config: Config, out_dir: str | Path, resume: bool = False,
                  eval_hook: EvalHook | None = None, clock: Callable[[], float] | None = None) -> None:
@@ -563,116 +573,6 @@ class Trainer:
         raise GptforgeError(f"the {what} became {value} at step {step} (that update was not applied); {where}; "
                             "lower optim.lr, set optim.grad_clip, or use train.dtype=bfloat16/float32")
 
-    # ------------------------------------------------------------------------------------ the device
-
-    def _step_unless(self, bad: torch.Tensor) -> None:
-        """optimizer.step() unless `bad` (a bool tensor on the device) is set, without reading it back:
-        fused optimizers take a found_inf flag and skip the update on the device, the mechanism
-        GradScaler uses. Others read the flag back (a host sync per step, as before)."""
-        # MPS's fused AdamW kernel ignores found_inf: there the flag is read back like elsewhere.
-        if getattr(self.optimizer, "_step_supports_amp_scaling", False) and self.rt.device.type != "mps":
-            self.optimizer.found_inf = bad.to(torch.float32)  # type: ignore[attr-defined]
-            self.optimizer.grad_scale = None  # type: ignore[attr-defined]
-            try:
-                self.optimizer.step()
-            finally:
-                del self.optimizer.found_inf, self.optimizer.grad_scale  # type: ignore[attr-defined]
-        elif not bool(bad):
-            self.optimizer.step()
-
-    def _watch_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Remember, on the device, the first update whose loss (or, without a GradScaler, gradient
-        norm) was not finite; _read_back turns it into the error that stops the run."""
-        bad_loss = ~torch.isfinite(loss)
-        bad = bad_loss if self.scaler.is_enabled() else bad_loss | ~torch.isfinite(grad_norm)
-        first = bad & (self._bad_step < 0)
-        self._bad_step = torch.where(first, self.step + 1, self._bad_step)
-        self._bad_what = torch.where(first, torch.where(bad_loss, 0, 1), self._bad_what)
-        self._bad_value = torch.where(first, torch.where(bad_loss, loss.float(), grad_norm.float()),
-                                      self._bad_value)
-
-    def _is_sync_step(self, stop_requested: bool, time_up: bool) -> bool:
-        """Whether this step reads its results back: log, evaluation and checkpoint steps, the last
-        step, the end of a time budget, and (in one process) a Ctrl-C. Under DDP a Ctrl-C is agreed on
-        at the next such step, so every rank stops at the same one; the end of a budget is decided on
-        the agreed clock, the same on every rank (see _time_is_up)."""
-        t, s = self.config.train, self.step
-        return (s == 1 or s % t.log_every == 0 or s % t.eval_every == 0 or s % t.checkpoint_every == 0
-                or (bool(t.sample_every) and s % t.sample_every == 0)
-                or (t.max_steps is not None and s >= t.max_steps)
-                or (t.max_tokens is not None and self.tokens >= t.max_tokens)
-                or time_up or (stop_requested and not self.rt.distributed))
-
-    def _read_back(self, loss: torch.Tensor, grad_norm: torch.Tensor, stop_requested: bool,
-                   time_up: bool) -> tuple[float, float, bool]:
-        """The host's view at a sync step: (mean loss over ranks, grad norm, interrupted). Every rank
-        agrees on the flags and on the training clock (one all-reduce); a non-finite update since the
-        last sync raises."""
-        if self.rt.distributed:
-            host = torch.tensor([float(stop_requested), float(time_up), self.elapsed], dtype=torch.float64)
-            flags = torch.cat([loss.detach().double().reshape(1), host.to(loss.device),
-                               (self._bad_step >= 0).double().reshape(1)])
-            loss_sum, stops, _, elapsed_sum, bads = self.rt.all_reduce_sum(flags).tolist()
-            mean_loss, interrupted, any_bad = loss_sum / self.world, stops > 0, bads > 0
-            step0, elapsed0, _ = self._sync_clock
-            agreed = elapsed_sum / self.world
-            per_update = (agreed - elapsed0) / (self.step - step0) if self.step > step0 else 0.0
-            self._sync_clock = (self.step, agreed, per_update)
-            # Every rank's own clock is set to the agreed one, so the seconds logged and checkpointed
-            # (by rank 0) are the job's, not one rank's.
-            self._clock_start += self.elapsed - agreed
-            self.elapsed = agreed
-            # The end of the budget is read on the agreed clock itself, not on the extrapolation that
-            # made this a sync step (it may run ahead after a slow first update).
-            max_time = self.config.train.max_time
-            self._time_up = max_time is not None and agreed >= max_time
-        else:
-            mean_loss, interrupted, self._time_up = float(loss), stop_requested, time_up
-            any_bad = int(self._bad_step) >= 0
-        if any_bad:
-            step = int(self._bad_step)
-            if step < 0:  # another rank's loss
-                self._stop_on_nan("training loss", float("nan"), self.step)
-            what = "training loss" if int(self._bad_what) == 0 else "gradient norm"
-            self._stop_on_nan(what, float(self._bad_value), step)
-        return mean_loss, float(grad_norm), interrupted
-
-    def _tick(self) -> None:
-        """self.elapsed: the training clock (see the module docstring), summed over resumed runs."""
-        self.elapsed = self.elapsed_start + self.clock() - self._clock_start
-
-    def _agreed_elapsed(self) -> float:
-        """Under DDP, the training clock every rank agrees on without talking: the mean over ranks at the
-        last sync step, plus the seconds per update measured between the last two sync steps for each
-        update since. One process reads its own clock."""
-        if not self.rt.distributed:
-            return self.elapsed_start + self.clock() - self._clock_start
-        step0, elapsed0, per_update = self._sync_clock
-        return elapsed0 + (self.step - step0) * per_update
-
-    def _progress(self) -> float:
-        """The fraction of train.max_time spent when the coming update ends: the clock now plus the last
-        update's seconds (one process; under DDP the agreed seconds per update), so the update that uses
-        up the budget is the one that reaches min_lr."""
-        if self.rt.distributed:
-            step0, elapsed0, per_update = self._sync_clock
-            seconds = elapsed0 + (self.step + 1 - step0) * per_update
-        else:
-            seconds = self._agreed_elapsed() + self._update_s
-        return seconds / self.config.train.max_time  # type: ignore[operator]
-
-    def _time_is_up(self) -> bool:
-        """train.max_time spent, on this process's clock (one process) or the agreed one (DDP)."""
-        max_time = self.config.train.max_time
-        if max_time is None:
-            return False
-        return (self._agreed_elapsed() if self.rt.distributed else self.elapsed) >= max_time
-
-    def _synchronize(self) -> None:
-        if self.rt.device.type == "cuda":
-            torch.cuda.synchronize(self.rt.device)
-
-
     def _log_train(self, loss: float, grad_norm: float, lr: float) -> None:
         now = self.clock()
         t0, tok0 = self._interval
@@ -798,222 +698,3 @@ class Trainer:
         runs.load_weights(self.raw_model, latest, self.rt.device)
         # On the CPU: RNG states must be CPU tensors; optimizer.load_state_dict moves its state to the weights.
         self.load_state_dict(ckpt.load_state(latest, map_location="cpu"))
-
-
-# --------------------------------------------------------------------------------------------- run set-up
-
-DATA_IDENTITY = "data.json"
-
-
-def _dir_sha256(directory: Path) -> str:
-    """sha256 over a directory's files (names and contents, sorted): a saved tokenizer's identity."""
-    h = hashlib.sha256()
-    for p in sorted(Path(directory).rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(directory).as_posix().encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()
-
-
-def save_data_identity(run_dir: Path, data: Any) -> None:
-    """RUN/data.json: the sha256 of the corpus text and of the run's tokenizer, and the split sizes, so
-    that resuming or evaluating on other data is refused instead of silently training on it."""
-    m = data.meta
-    identity = {"corpus_sha256": m["source_sha256"], "tokenizer_sha256": _dir_sha256(run_dir / "tokenizer"),
-                "tokenizer": m["tokenizer"], "sources": m.get("sources"), "train_tokens": m["train_tokens"],
-                "val_tokens": m["val_tokens"]}
-    atomic_write_text(run_dir / DATA_IDENTITY, json.dumps(identity, indent=2) + "\n")
-
-
-def check_data_identity(run_dir: Path, data: Any) -> None:
-    """Raise GptforgeError when the corpus or tokenizer differs from the one the run recorded. Runs from
-    before data.json existed are not checked."""
-    path = Path(run_dir) / DATA_IDENTITY
-    if not path.is_file():
-        return
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise GptforgeError(f"{path} is damaged; it records which data {run_dir} was trained on") from None
-    way_out = (f"restore that data, or continue on the new text in a new run: gptforge train --init {run_dir} "
-               "--out NEW_RUN ...")
-    now = data.meta["source_sha256"]
-    if recorded.get("corpus_sha256") != now:
-        raise GptforgeError(f"the corpus of {run_dir} changed: sha256 {str(recorded.get('corpus_sha256'))[:16]} when "
-                            f"it was trained, {now[:16]} now ({', '.join(data.meta.get('sources') or [])}); "
-                            + way_out)
-    tok_now = _dir_sha256(Path(run_dir) / "tokenizer")
-    if recorded.get("tokenizer_sha256") != tok_now:
-        raise GptforgeError(f"the tokenizer of {run_dir} changed: sha256 {str(recorded.get('tokenizer_sha256'))[:16]} "
-                            f"when it was trained, {tok_now[:16]} now ({Path(run_dir) / 'tokenizer'}); " + way_out)
-
-
-# --------------------------------------------------------------------------------------------- eval
-
-
-class EvalLoss(NamedTuple):
-    """An evaluation's result: the mean cross-entropy (nats/token) over `tokens` predicted tokens, and
-    the UTF-8 bytes those tokens spell (None when no byte table was given)."""
-
-    loss: float
-    tokens: int
-    bytes: int | None = None
-
-    @property
-    def bpb(self) -> float | None:
-        """Bits per byte: the total nats (loss x tokens) / (bytes x ln 2); see gptforge.bpb."""
-        return None if self.bytes is None else bits_per_byte(self.loss * self.tokens, self.bytes)
-
-
-@torch.no_grad()
-def mean_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], rt: Runtime,
-              token_bytes: torch.Tensor | None = None) -> EvalLoss:
-    """The one mean cross-entropy of evaluation: (loss, tokens, bytes) over every target != -1 of every
-    (x, y) batch, token-weighted, summed over ranks under DDP. The periodic estimate, the train_full stop
-    metric and `gptforge eval` all go through it, in whatever precision `rt` says (float32 for all three).
-    `token_bytes` (gptforge.bpb.byte_table) counts the bytes of the targets, for bits per byte."""
-    loss_sum, tokens_counted, bytes_counted = 0.0, 0, 0
-    for x, y in batches:
-        count = int((y != -1).sum())
-        if token_bytes is not None:
-            bytes_counted += target_bytes(y, token_bytes)
-        with rt.autocast():
-            _, loss = model(x.to(rt.device), y.to(rt.device))
-        loss_sum += float(loss) * count  # float64 on the host: exact enough for millions of tokens
-        tokens_counted += count
-    loss_sum, tokens_counted, bytes_counted = _sum_over_ranks(rt, [loss_sum, tokens_counted,
-                                                                   bytes_counted]).tolist()
-    return EvalLoss(loss_sum / tokens_counted, int(tokens_counted),
-                    int(bytes_counted) if token_bytes is not None else None)
-
-
-def split_windows(tokens: np.ndarray, block_size: int, batch_size: int, rank: int = 0, world_size: int = 1
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """A whole split as batches of windows of block_size with stride block_size, so every token but the
-    first is predicted exactly once. The last window is shorter: its missing targets are -1 (ignored).
-    Under DDP each rank takes every world_size-th window."""
-    n = len(tokens)
-    if n < 2:
-        raise GptforgeError(f"a split of {n} token(s) has nothing to predict; give more text")
-    num_windows = math.ceil((n - 1) / block_size)
-    mine = list(range(rank, num_windows, world_size))
-    for b in range(0, len(mine), batch_size):
-        windows = mine[b:b + batch_size]
-        x = torch.zeros((len(windows), block_size), dtype=torch.int64)
-        y = torch.full((len(windows), block_size), -1, dtype=torch.int64)
-        for row, w in enumerate(windows):
-            start = w * block_size
-            chunk = torch.from_numpy(np.asarray(tokens[start:start + block_size + 1], dtype=np.int64))
-            length = len(chunk) - 1
-            x[row, :length] = chunk[:-1]
-            y[row, :length] = chunk[1:]
-        yield x, y
-
-
-def split_loss(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_size: int, rt: Runtime,
-               rank: int = 0, world_size: int = 1, token_bytes: torch.Tensor | None = None) -> EvalLoss:
-    """Exact mean cross-entropy over a whole split (see split_windows): (mean loss, tokens, bytes)."""
-    return mean_loss(model, split_windows(tokens, block_size, batch_size, rank, world_size), rt, token_bytes)
-
-
-def _sum_over_ranks(rt: Runtime, values: list[float]) -> torch.Tensor:
-    """float64 sums over ranks, on the device the process group needs (float64 stays on the host
-    otherwise: MPS has no float64)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if rt.distributed:
-        t = rt.all_reduce_sum(t.to(rt.device)).cpu()
-    return t
-
-
-def evaluate_run(run: str | Path, split: str = "val", which: str = "latest", device: str = "auto",
-                 dtype: str = "float32", batch_size: int | None = None) -> dict[str, Any]:
-    """`gptforge eval RUN`: exact mean cross-entropy of a checkpoint over a whole split.
-
-    float32 by default, so the number does not depend on the precision the run trained in.
-    Returns {"split", "loss", "tokens", "bytes", "bpb", "checkpoint", "step"}: bytes are the UTF-8
-    bytes of the predicted tokens, bpb the bits per byte over them (see gptforge.bpb)."""
-    if split not in ("train", "val"):
-        raise GptforgeError(f"split {split!r} is unknown; use 'train' or 'val'")
-    run = Path(run)
-    path = runs.resolve_checkpoint(run, which)
-    run_dir = runs.run_dir_of(path)
-    config = load_config(run_dir / "config.toml")
-    rt = setup_runtime(device, dtype)
-    model, tokenizer, info = runs.load_model(path, device=rt.device)
-    d = config.data
-    data = prepare(d.corpus, tokenizer=tokenizer, val_fraction=d.val_fraction,
-                   bpe_vocab_size=d.bpe_vocab_size if d.tokenizer == "bpe" else None, **d.prepare_options())
-    check_data_identity(run_dir, data)
-    tokens = data.train if split == "train" else data.val
-    if tokens is None:
-        raise GptforgeError(f"{run_dir} was trained without a validation split (data.val_fraction = 0); "
-                            "use --split train")
-    r = split_loss(model, tokens, model.config.block_size, batch_size or config.train.batch_size, rt,
-                   token_bytes=byte_table(tokenizer))
-    return {"split": split, "loss": r.loss, "tokens": r.tokens, "bytes": r.bytes, "bpb": r.bpb,
-            "checkpoint": str(path), "step": info.get("step")}
-
-
-# --------------------------------------------------------------------------------------------- batches
-
-
-class _Prefetcher:
-    """The training batches, one micro-batch ahead: the next one is drawn and copied to the device
-    (from pinned memory, asynchronously, on CUDA) while the device still computes the current step.
-
-    state_dict() is the sampler's position *before* the batch held in advance, so a checkpoint
-    resumes at the first batch not yet trained on and resume stays exact."""
-
-    def __init__(self, sampler: Any, device: torch.device) -> None:
-        self.sampler, self.device = sampler, device
-        self.pin = device.type == "cuda"
-        self._next: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._state_before_next: dict[str, Any] | None = None
-
-    def _fetch(self) -> None:
-        self._state_before_next = self.sampler.state_dict()
-        x, y = self.sampler.next_batch()
-        if self.pin:
-            x, y = x.pin_memory(), y.pin_memory()
-        self._next = (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._next is None:
-            self._fetch()
-        batch = self._next
-        self._fetch()
-        return batch  # type: ignore[return-value]
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self._state_before_next) if self._next is not None else self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state)
-        self._next = self._state_before_next = None
-
-
-# --------------------------------------------------------------------------------------------- signals
-
-
-class _StopRequest:
-    """SIGINT/SIGTERM set a flag that the loop checks between steps (so the step finishes and the
-    checkpoint is consistent); a second Ctrl-C interrupts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handler)
-
-    def uninstall(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old.clear()
