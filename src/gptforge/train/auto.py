@@ -96,12 +96,14 @@ class Measured:
 
 @dataclass
 class AutoChoice:
-    """What auto chose and why: the resolved config, the rung, every rung measured, the seconds spent."""
+    """What auto chose and why: the resolved config, the rung, every rung measured, the seconds spent,
+    and the prepared data it measured on (the run trains on the same, without preparing it again)."""
 
     config: Config
     rung: Rung
     measured: list[Measured]
     seconds: float
+    data: Any = None
 
     def event(self) -> dict[str, Any]:
         """The `auto` event of metrics.jsonl: the choice and each measurement behind it."""
@@ -161,7 +163,7 @@ def choose_for_budget(config: Config, data: Any, rt: Runtime, clock=time.perf_co
     chosen_config = apply_rung(config, rung, dropout=0.1 if epochs > 2 else 0.0)
     if runtime_for(rung, config, rt).dtype != rt.dtype:
         chosen_config.train.dtype = "float32"
-    return AutoChoice(config=chosen_config, rung=rung, measured=measured, seconds=seconds)
+    return AutoChoice(config=chosen_config, rung=rung, measured=measured, seconds=seconds, data=data)
 
 
 def runtime_for(rung: Rung, config: Config, rt: Runtime) -> Runtime:

@@ -170,13 +170,8 @@ class Trainer(_ReadBack, _BudgetClock):
         self.total_steps = self.plan.schedule_steps
         self.block_size = block_size = self.plan.block_size
 
-        # Data first: the tokenizer fixes the vocabulary size. Rank 0 prepares (or reuses) the token
-        # files while the others wait, then they read the same cache.
-        if self.rt.is_main:
-            self.data = self._prepare_data(resume)
-        self.rt.barrier()
-        if not self.rt.is_main:
-            self.data = self._prepare_data(resume)
+        # Data first: the tokenizer fixes the vocabulary size (auto prepared it already, for its measure).
+        self.data = self.auto.data if self.auto is not None else self._prepare_data_in_turn(resume)
         if resume or self.restarted:
             check_data_identity(self.run_dir, self.data)
         self.tokenizer = self.data.tokenizer
@@ -673,13 +668,18 @@ class Trainer(_ReadBack, _BudgetClock):
         self.config = self.plan.config
         self.block_size = self.plan.block_size
         self.init = None
-        if self.rt.is_main:
-            data = self._prepare_data(False)
-        self.rt.barrier()
-        if not self.rt.is_main:
-            data = self._prepare_data(False)
+        data = self._prepare_data_in_turn(False)
         self.auto = auto.choose_for_budget(config, data, self.rt, clock=self.clock)
         return self.auto.config
+
+    def _prepare_data_in_turn(self, resume: bool):
+        """Rank 0 prepares (or reuses) the token files while the others wait, then they read the same cache."""
+        if self.rt.is_main:
+            data = self._prepare_data(resume)
+        self.rt.barrier()
+        if not self.rt.is_main:
+            data = self._prepare_data(resume)
+        return data
 
     def _prepare_data(self, resume: bool):
         d = self.config.data
