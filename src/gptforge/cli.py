@@ -67,7 +67,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_prepare(args: argparse.Namespace) -> None:
-    from gptforge.data.tokens import prepare
+    from gptforge.data.pipeline import prepare
 
     data = prepare(args.corpus, tokenizer=args.tokenizer, val_fraction=args.val_fraction, out=args.out,
                    bpe_vocab_size=args.bpe_vocab_size, block_size=args.block_size, text_field=args.text_field,

@@ -23,7 +23,7 @@ from gptforge import runs
 from gptforge.bpb import bits_per_byte, byte_table, target_bytes
 from gptforge.config import load_config
 from gptforge.data.identity import check_data_identity
-from gptforge.data.tokens import prepare
+from gptforge.data.pipeline import prepare
 from gptforge.errors import GptforgeError
 from gptforge.runtime import Runtime, setup_runtime
 

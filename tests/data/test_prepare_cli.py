@@ -213,13 +213,13 @@ def test_parquet_without_the_column(capsys, tmp_path, out):
 
 
 def test_an_error_mid_corpus_leaves_nothing_and_keeps_older_data(capsys, tmp_path, out, monkeypatch):
-    from gptforge.data import tokens as tokens_mod
+    from gptforge.data import encode
 
     good = tmp_path / "good.txt"
     good.write_text("hello there " * 100, encoding="utf-8")
     run_ok(capsys, "--corpus", str(good), "--tokenizer", "char", "--block-size", "8", "--out", str(out))
     before = sorted(p.name for p in out.rglob("*"))
-    monkeypatch.setattr(tokens_mod, "CHUNK_CHARS", 64)  # several chunks: the bad line comes after shards
+    monkeypatch.setattr(encode, "CHUNK_CHARS", 64)  # several chunks: the bad line comes after shards
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine and long enough to fill a chunk of sixty-four characters"}\n' * 20
                    + "not json\n", encoding="utf-8")

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from gptforge.data import tokens as tokens_mod
+from gptforge.data import encode, pipeline
 from gptforge.data.corpus import cache_dir, load_corpus
+from gptforge.data.shards import _ShardWriter
 from gptforge.data.tokenizers import build_tokenizer, load_tokenizer
 from gptforge.data.tokens import HEADER_BYTES, MAGIC, BatchSampler, prepare, read_tokens, write_tokens
 from gptforge.errors import GptforgeError
@@ -96,15 +97,15 @@ def test_cache_reuse_and_invalidation(tmp_path):
 def test_cache_entries_appear_whole_when_another_process_publishes_first(tmp_path, monkeypatch):
     src = tmp_path / "c.txt"
     src.write_text("to be or not to be " * 40, encoding="utf-8")
-    real_rename = tokens_mod.os.rename
+    real_rename = pipeline.os.rename
 
     def other_process_wins(a, b):
         shutil.copytree(a, b)  # another rank published the same entry a moment before us
         return real_rename(a, b)
 
-    monkeypatch.setattr(tokens_mod.os, "rename", other_process_wins)
+    monkeypatch.setattr(pipeline.os, "rename", other_process_wins)
     data = prepare(str(src), tokenizer="char")
-    monkeypatch.setattr(tokens_mod.os, "rename", real_rename)
+    monkeypatch.setattr(pipeline.os, "rename", real_rename)
     assert data.reused and data.tokenizer.decode(data.train[:6].tolist()) == "to be "
     assert [p.name for p in (cache_dir() / "tokens").iterdir()] == [data.dir.name]  # no temp dirs left
 
@@ -121,7 +122,7 @@ def test_cache_entries_appear_whole_when_another_process_publishes_first(tmp_pat
 _PREPARE_CHILD = """
 import json, sys, time
 from pathlib import Path
-from gptforge.data import tokens
+from gptforge.data import pipeline
 
 src, marks, role = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 
@@ -139,16 +140,16 @@ def second_is_waiting():
     return any(len(r) > 5 and r[1] == "->" and r[2] == "FLOCK" and r[5] == pid for r in rows)
 
 if role == "first":
-    real = tokens._encode_all
+    real = pipeline._encode_all
     def encode_all(*args, **kwargs):
         (marks / "first-holds-the-lock").touch()
         if until(lambda: (marks / "second.pid").exists()) and until(second_is_waiting):
             (marks / "second-waited").touch()
         return real(*args, **kwargs)
-    tokens._encode_all = encode_all
+    pipeline._encode_all = encode_all
 else:
     until(lambda: (marks / "first-holds-the-lock").exists())
-data = tokens.prepare(src, tokenizer="char")
+data = pipeline.prepare(src, tokenizer="char")
 print(json.dumps({"reused": data.reused, "dir": str(data.dir), "n": len(data.train), "head": data.train[:40].tolist()}))
 """
 
@@ -205,16 +206,16 @@ def test_interrupted_or_damaged_prepare_is_not_trusted(tmp_path, monkeypatch):
     out = tmp_path / "out"
 
     # A crash while finishing a shard: an error, and nothing left that a later run would trust.
-    real_finish = tokens_mod._ShardWriter.finish
+    real_finish = _ShardWriter.finish
 
     def disk_full(self, chunk_end):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(tokens_mod._ShardWriter, "finish", disk_full)
+    monkeypatch.setattr(_ShardWriter, "finish", disk_full)
     with pytest.raises(GptforgeError, match="No space left on device"):
         prepare(str(src), tokenizer="char", out=out)
     assert not out.exists()
-    monkeypatch.setattr(tokens_mod._ShardWriter, "finish", real_finish)
+    monkeypatch.setattr(_ShardWriter, "finish", real_finish)
 
     data = prepare(str(src), tokenizer="char", out=out)
     (out / "meta.json").unlink()  # as if killed before the last rename
@@ -373,7 +374,7 @@ def _docs(shakespeare_text, n=40, size=2_000):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of ~1 KB of text, so that a few KB of corpus spread over several shards."""
-    monkeypatch.setattr(tokens_mod, "CHUNK_CHARS", 1024)
+    monkeypatch.setattr(encode, "CHUNK_CHARS", 1024)
 
 
 def _expected_gpt2(tok, docs):
@@ -425,13 +426,13 @@ def test_val_tokens_and_char_streaming(tmp_path, shakespeare_text, small_chunks)
 class _Count:
     def __init__(self, monkeypatch):
         self.chunks = 0
-        real = tokens_mod._encode_chunk
+        real = encode._encode_chunk
 
         def counting(*args):
             self.chunks += 1
             return real(*args)
 
-        monkeypatch.setattr(tokens_mod, "_encode_chunk", counting)
+        monkeypatch.setattr(encode, "_encode_chunk", counting)
 
 
 @pytest.mark.parametrize("where", ["out", "cache"])
@@ -443,7 +444,7 @@ def test_an_interrupted_prepare_resumes_from_its_finished_shards(tmp_path, shake
     kwargs = dict(tokenizer="bpe", bpe_vocab_size=300, shard_tokens=4_000, out=out)
     reference = prepare(str(src), **{**kwargs, "out": tmp_path / "reference"})
 
-    real_finish = tokens_mod._ShardWriter.finish
+    real_finish = _ShardWriter.finish
     finished = []
 
     def ctrl_c_after_three(self, chunk_end):
@@ -452,10 +453,10 @@ def test_an_interrupted_prepare_resumes_from_its_finished_shards(tmp_path, shake
         real_finish(self, chunk_end)
         finished.append(self.index)
 
-    monkeypatch.setattr(tokens_mod._ShardWriter, "finish", ctrl_c_after_three)
+    monkeypatch.setattr(_ShardWriter, "finish", ctrl_c_after_three)
     with pytest.raises(KeyboardInterrupt):
         prepare(str(src), **kwargs)
-    monkeypatch.setattr(tokens_mod._ShardWriter, "finish", real_finish)
+    monkeypatch.setattr(_ShardWriter, "finish", real_finish)
     work = out / ".partial" if out else next((cache_dir() / "tokens").glob(".*.partial"))
     assert sorted(p.name for p in (work / "shards").iterdir()) == [
         "00000.bin", "00000.json", "00001.bin", "00001.json", "00002.bin", "00002.json"]  # no half shard

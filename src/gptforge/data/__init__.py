@@ -16,8 +16,8 @@ __all__ = ["BatchSampler", "Corpus", "Prepared", "ShardedTokens", "Tokenizer", "
 _WHERE = {
     "Corpus": "corpus", "load_corpus": "corpus", "open_corpus": "corpus",
     "Tokenizer": "tokenizers", "build_tokenizer": "tokenizers", "load_tokenizer": "tokenizers",
-    "BatchSampler": "tokens", "Prepared": "tokens", "prepare": "tokens", "ShardedTokens": "tokens",
-    "load_prepared": "tokens",
+    "BatchSampler": "sampler", "prepare": "pipeline",
+    "Prepared": "shards", "ShardedTokens": "shards", "load_prepared": "shards",
 }
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from gptforge.config import Config
-from gptforge.data.tokens import BatchSampler
+from gptforge.data.sampler import BatchSampler
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT, GPTConfig
 from gptforge.runtime import Runtime

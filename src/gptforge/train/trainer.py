@@ -44,8 +44,9 @@ from gptforge import runs
 from gptforge.bpb import byte_table
 from gptforge.config import AUTO, Config
 from gptforge.data.identity import DATA_IDENTITY, check_data_identity, save_data_identity
+from gptforge.data.pipeline import prepare
+from gptforge.data.sampler import BatchSampler
 from gptforge.data.tokenizers import load_tokenizer
-from gptforge.data.tokens import BatchSampler, prepare
 from gptforge.errors import GptforgeError
 from gptforge.evaluate import EvalLoss, evaluate_run, mean_loss, split_loss, split_windows
 from gptforge.generate import Generator  # samples written while training (train.sample_every)
