@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from gptforge.data import corpus as corpus_mod
+from gptforge.data import stream as stream_mod
 from gptforge.data.corpus import CORPORA, NamedCorpus, load_corpus
 from gptforge.errors import GptforgeError
 
@@ -217,7 +218,7 @@ def test_a_saved_datasets_dataset(tmp_path):
 def test_a_text_file_streams_in_pieces_that_tokenize_like_the_whole(data_dir, shakespeare_text, monkeypatch):
     from gptforge.data.tokenizers import GPT2Tokenizer
 
-    monkeypatch.setattr(corpus_mod, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(stream_mod, "BLOCK_BYTES", 4096)
     pieces = list(open_corpus("tinyshakespeare").pieces())
     assert len(pieces) > 200 and [new for _, new, _ in pieces].count(True) == 1  # one document
     assert "".join(text for text, _, _ in pieces) == shakespeare_text
@@ -227,7 +228,7 @@ def test_a_text_file_streams_in_pieces_that_tokenize_like_the_whole(data_dir, sh
 
 
 def test_utf8_checks_survive_block_boundaries(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus_mod, "BLOCK_BYTES", 16)
+    monkeypatch.setattr(stream_mod, "BLOCK_BYTES", 16)
     p = tmp_path / "u.txt"
     p.write_bytes("\ufeff".encode() + "é".encode() * 20 + b"\nok")  # 2-byte characters cut by blocks
     assert "".join(t for t, _, _ in open_corpus(str(p)).pieces()) == "é" * 20 + "\nok"
@@ -271,7 +272,7 @@ def test_bad_parquet_and_gzip(tmp_path):
 
 
 def test_source_hashes_are_remembered_for_big_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus_mod, "_MEMO_MIN_BYTES", 10)
+    monkeypatch.setattr(stream_mod, "_MEMO_MIN_BYTES", 10)
     p = tmp_path / "big.txt"
     p.write_text("some text that counts as big here", encoding="utf-8")
     first = corpus_mod.file_sha256(p)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gptforge.data.corpus import CorpusStream
 from gptforge.data.shards import _finished_shards, _ShardWriter, dtype_for
+from gptforge.data.stream import CorpusStream
 from gptforge.data.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
 from gptforge.errors import GptforgeError
 

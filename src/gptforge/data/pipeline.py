@@ -26,7 +26,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from gptforge.data.corpus import Corpus, CorpusStream, cache_dir, open_corpus
+from gptforge.data.corpus import Corpus, open_corpus
+from gptforge.data.dirs import cache_dir
 from gptforge.data.encode import _build_tokenizer, _encode_all
 from gptforge.data.shards import (
     DATA_FORMAT_VERSION,
@@ -39,6 +40,7 @@ from gptforge.data.shards import (
     _write_json,
     dtype_for,
 )
+from gptforge.data.stream import CorpusStream
 from gptforge.data.tokenizers import (
     BPE_VOCAB_DEFAULT,
     Tokenizer,

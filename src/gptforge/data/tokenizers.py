@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gptforge.data.dirs import data_dir
 from gptforge.errors import GptforgeError
 
 SPECS = ("gpt2", "char", "bpe")
@@ -143,8 +144,6 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def _gpt2_encoding():
     """GPT-2's encoding, built offline from $GPTFORGE_DATA_DIR/gpt2/gpt2.tiktoken when it is there."""
-    from gptforge.data.corpus import data_dir
-
     local = data_dir()
     path = local / "gpt2" / "gpt2.tiktoken" if local is not None else None
     return _gpt2_encoding_from(str(path) if path is not None and path.is_file() else None)
