@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -77,9 +78,13 @@ def run_nanogpt(checkout: Path) -> dict:
         raise SystemExit(f"nanoGPT's train.py failed: {proc.stderr[-2000:]}")
     evals = re.findall(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)", proc.stdout)
     step, train_loss, val_loss = evals[-1]
+    # Its per-iteration times ("iter N: loss L, time T ms"), leaving out the iterations that also evaluated
+    # (every 250th) and the first (warm-up): the training step's own speed, 12 x 64 tokens each.
+    iters = [(int(i), float(ms)) for i, ms in re.findall(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", proc.stdout)]
+    step_ms = statistics.median(ms for i, ms in iters if i % 250 != 0 and i > 1)
     return {"config": "nanoGPT train.py (its own code)", "path": "nanoGPT train.py, README CPU recipe",
             "wall_s": round(wall, 1), "step": int(step), "val_loss": float(val_loss), "train_loss": float(train_loss),
-            "load_at_start": round(load, 2)}
+            "load_at_start": round(load, 2), "train_tokens_per_s": round(12 * 64 / (step_ms / 1e3))}
 
 
 def run_recipe(config_path: str, out_root: Path, overrides: list[str]) -> dict:
@@ -111,9 +116,14 @@ def run_recipe(config_path: str, out_root: Path, overrides: list[str]) -> dict:
     result = trainer.train()
     exact = evaluate_run(run_dir, split="val", which="latest", device="cpu")
     reached = next((p["seconds"] for p in curve if p["val_loss"] is not None and p["val_loss"] <= TARGET_LOSS), None)
+    # The training step's own speed: the median over the log windows' tokens/s (the windows that held an
+    # evaluation are slower; the median leaves them out as nanoGPT's figure leaves out its eval iterations).
+    windows = [r["tokens_per_s"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+               if r.get("kind") == "train" and r["step"] > 1]
     return {"config": name, "seconds_to_target": reached, "path": config_path, "run_dir": str(run_dir), "load_at_start": round(load, 2),
             "setup_s": round(setup_s, 1), "seconds": round(trainer.elapsed, 1), "step": result.step,
             "tokens": result.tokens, "tokens_per_s": round(result.tokens / max(trainer.elapsed, 1e-9)),
+            "train_tokens_per_s": round(statistics.median(windows)) if windows else None,
             "stopped_by": result.stopped_by, "val_loss_estimate": result.val_loss,
             "val_loss_exact": exact["loss"], "val_tokens": exact["tokens"], "params": trainer.raw_model.num_params(),
             "curve": curve}
@@ -142,15 +152,19 @@ def table(results: list[dict], machine: str, command: str, nano: dict | None = N
         *([f"nanoGPT's own `train.py` (its README's CPU char recipe, 2,000 iterations), in the same run: "
            f"**{nano['wall_s']} s** of wall time (load average {nano['load_at_start']} at its start), val loss "
            f"{nano['val_loss']:.4f} (its own estimate over 20 batches) at step {nano['step']}; a third of its "
-           f"time is {nano['wall_s'] / 3:.1f} s.", ""] if nano else []),
+           f"time is {nano['wall_s'] / 3:.1f} s. Its training step (the median iteration, evaluations left out): "
+           f"**{nano['train_tokens_per_s']:,} tokens/s**.", ""] if nano else []),
         f"| recipe | params | load avg at start | seconds to {TARGET_LOSS} | seconds | steps | tokens | tokens/s "
-        "| val loss (estimate) | val loss (exact, whole split) | stopped by |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| step tokens/s (median) | val loss (estimate) | val loss (exact, whole split) | stopped by |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         reached = "not reached" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.1f}"
+        step_speed = f"{r['train_tokens_per_s']:,}" if r.get("train_tokens_per_s") else "-"
+        if nano and r.get("train_tokens_per_s") and "nanogpt" in r["path"]:
+            step_speed += f" ({r['train_tokens_per_s'] / nano['train_tokens_per_s']:.2f}x nanoGPT's)"
         lines.append(f"| `{r['path']}` | {r['params'] / 1e6:.2f}M | {r['load_at_start']} | {reached} | "
-                     f"{r['seconds']} | {r['step']} | {r['tokens']:,} | {r['tokens_per_s']:,} | "
+                     f"{r['seconds']} | {r['step']} | {r['tokens']:,} | {r['tokens_per_s']:,} | {step_speed} | "
                      f"{r['val_loss_estimate']:.4f} | {r['val_loss_exact']:.4f} ({r['val_tokens']:,} tokens) | "
                      f"{r['stopped_by']} |")
     lines += ["", "Validation loss by seconds of training (estimates at each evaluation):", "",

@@ -469,3 +469,27 @@ def test_from_pretrained_bad_inputs(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(GptforgeError, match="Hugging Face Hub"):
         load_pretrained("gptforge-test/no-such-model")
+
+
+@pytest.mark.parametrize("hf_name, ours", [("gelu", "gelu"), ("gelu_new", "gelu_tanh"), ("gelu_pytorch_tanh", "gelu_tanh")])
+def test_the_exact_and_the_tanh_gelu_round_trip_with_hf(hf_name, ours, tmp_path):
+    """model.activation: Hugging Face's GPT-2 runs either GELU; each direction keeps the one trained."""
+    hf = _hf_model(*HF_SHAPES[0])
+    hf.config.activation_function = hf_name
+    hf = transformers.GPT2LMHeadModel(hf.config).eval()  # rebuilt: the MLP's activation is chosen at build time
+    hf.save_pretrained(tmp_path / "hf")
+    loaded = load_pretrained(tmp_path / "hf").eval()
+    assert loaded.config.activation == ours
+    idx = torch.randint(0, HF_SHAPES[0][4], (2, 37), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (loaded(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-4
+
+    torch.manual_seed(3)
+    mine = GPT(GPTConfig(2, 2, 32, 16, 50, activation=ours)).eval()
+    save_pretrained(mine, tmp_path / "ours")
+    saved = json.loads((tmp_path / "ours" / "config.json").read_text())["activation_function"]
+    assert saved == ("gelu" if ours == "gelu" else "gelu_new")
+    hf2 = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ours").eval()
+    x = torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (mine(x)[0] - hf2(x).logits).abs().max().item() <= 1e-5

@@ -25,11 +25,30 @@ from gptforge.model import GPT, PRESETS, GPTConfig, chunked_cross_entropy
         (dict(bias="yes"), "bias"),
         (dict(tie_embeddings=1), "tie_embeddings"),
         (dict(pad_vocab_multiple=0), "pad_vocab_multiple"),
+        (dict(activation="relu"), "activation"),
+        (dict(activation=["gelu"]), "activation"),
     ],
 )
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(GptforgeError, match=field):
         GPTConfig(**{**PRESETS["tiny"], **kwargs})
+
+
+def test_the_activation_picks_the_mlps_gelu():
+    """"gelu_tanh" (the default, GPT-2's) and "gelu" (exact) run their own GELU in every block's MLP."""
+    torch.manual_seed(0)
+    tanh = GPT(GPTConfig(**PRESETS["tiny"], vocab_size=50)).eval()
+    assert tanh.config.activation == "gelu_tanh"
+    exact = GPT(GPTConfig(**PRESETS["tiny"], vocab_size=50, activation="gelu")).eval()
+    exact.load_state_dict(tanh.state_dict())
+    mlp = tanh.transformer.h[0].mlp
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        h = mlp.c_fc(x)
+        assert torch.equal(mlp(x), mlp.c_proj(F.gelu(h, approximate="tanh")))
+        assert torch.equal(exact.transformer.h[0].mlp(x), mlp.c_proj(F.gelu(h)))
+        idx = torch.randint(0, 50, (2, 16))
+        assert not torch.allclose(tanh(idx)[0], exact(idx)[0], atol=1e-6)
 
 
 def test_presets_and_overrides():

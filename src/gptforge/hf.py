@@ -148,7 +148,9 @@ def _load_hf_state(model: GPT, state: dict[str, torch.Tensor], source: Path) -> 
         model.lm_head.weight[V:].zero_()
 
 
-_HF_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are GELU's tanh approximation
+# Hugging Face's activation names -> GPTConfig.activation ("gelu_new" and "gelu_pytorch_tanh" are both
+# GELU's tanh approximation, GPT-2's; "gelu" is the exact one).
+_HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 
 def _resolve_pretrained(name_or_dir: str | Path) -> Path:
@@ -210,7 +212,7 @@ def _config_from_hf(hf: dict[str, Any], directory: Path, overrides: dict[str, An
     n_inner = hf.get("n_inner")
     if act not in _HF_ACTIVATIONS or (n_inner is not None and n_inner != 4 * n_embd):
         raise GptforgeError(
-            f"{directory}: activation {act!r} / n_inner {n_inner!r} differ from GPT-2's (gelu_new, 4*n_embd); "
+            f"{directory}: activation {act!r} / n_inner {n_inner!r} differ from GPT-2's (gelu_new or gelu, 4*n_embd); "
             "this model cannot hold that checkpoint"
         )
     if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
@@ -238,6 +240,7 @@ def _config_from_hf(hf: dict[str, Any], directory: Path, overrides: dict[str, An
         dropout=0.0,
         bias=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        activation=_HF_ACTIVATIONS[act],
     )
     return GPTConfig(**{**fields_, **overrides})
 
@@ -246,7 +249,7 @@ def _config_to_hf(c: GPTConfig) -> dict[str, Any]:
     hf: dict[str, Any] = {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
-        "activation_function": "gelu_new",
+        "activation_function": "gelu_new" if c.activation == "gelu_tanh" else "gelu",
         "n_layer": c.n_layer,
         "n_head": c.n_head,
         "n_embd": c.n_embd,

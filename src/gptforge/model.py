@@ -10,7 +10,7 @@ Hugging Face's file layout (import and export of GPT-2 weights) lives beside thi
 
 The architecture is exactly GPT-2's (so weights interchange with the Hugging Face ecosystem):
 token + learned position embeddings, pre-LayerNorm blocks of causal self-attention and a 4x
-GELU(tanh) MLP with residual connections, a final LayerNorm, and an LM head tied to the token
+GELU(tanh) MLP (`activation = "gelu"`: the exact GELU, also in Hugging Face's GPT-2) with residual connections, a final LayerNorm, and an LM head tied to the token
 embedding.
 """
 
@@ -27,6 +27,9 @@ import torch.nn.functional as F
 from gptforge.errors import GptforgeError
 
 # ----------------------------------------------------------------------------------------- config
+
+# The MLP's GELU by name -> F.gelu's `approximate`: GPT-2's tanh approximation, or the exact erf form.
+ACTIVATIONS = {"gelu_tanh": "tanh", "gelu": "none"}
 
 
 @dataclass
@@ -51,6 +54,9 @@ class GPTConfig:
     """LM head shares its weight with the token embedding (GPT-2 does)."""
     pad_vocab_multiple: int = 64
     """Round the embedding's rows up to a multiple of this for faster matmuls (1 = no padding)."""
+    activation: str = "gelu_tanh"
+    """The MLP's GELU: "gelu_tanh" (GPT-2's tanh approximation, Hugging Face's "gelu_new") or "gelu"
+    (the exact erf form, nanoGPT's; several times cheaper than the tanh form on some CPUs)."""
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_multiple"):
@@ -66,6 +72,9 @@ class GPTConfig:
         for name in ("bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise GptforgeError(f"GPTConfig.{name}={getattr(self, name)!r} is invalid; it must be true or false")
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
+            raise GptforgeError(f"GPTConfig.activation={self.activation!r} is invalid; "
+                                f"choose one of {', '.join(ACTIVATIONS)}")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -184,10 +193,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.approximate = ACTIVATIONS[config.activation]  # GPT-2's "gelu_new" is the tanh approximation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # GPT-2's "gelu_new" is the tanh approximation.
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):

@@ -3,6 +3,8 @@ that measures, chooses, saves an explicit config and resumes without auto."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from gptforge.config import load_config, resume_config
@@ -128,6 +130,8 @@ def test_an_auto_run_measures_chooses_saves_and_resumes_without_auto(tiny_config
     assert saved.model.preset != "auto"
     assert (saved.model.n_layer, saved.model.n_embd, saved.model.block_size, saved.train.batch_size) == (
         rung.n_layer, rung.n_embd, rung.block_size, rung.batch_size)
+    assert saved.model.activation == auto.ACTIVATION == "gelu"
+    assert json.loads((run / "checkpoints" / "latest" / "model_config.json").read_text())["activation"] == "gelu"
     assert "model.preset = 'auto' chose rung" in (run / "config.toml").read_text()
     # The first evaluation's clock already counts the measurement.
     assert read_metrics(run, "train")[0]["elapsed_s"] > event["seconds"]

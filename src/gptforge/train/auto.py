@@ -18,7 +18,8 @@ which is for compute-optimal runs of billions of tokens). Each rung is measured 
 models and the LM head that dominates a large vocabulary; the measurement's seconds count in the
 budget. The recipe around the shape is the one the CPU recipes were tuned with: Muon on the blocks'
 matrices, AdamW on the rest at an LR that scales as 1/width, a warmup-stable-decay schedule with a
-30% cool-down, dropout 0.1 once the run would see its training text more than twice, and float32
+30% cool-down, dropout 0.1 once the run would see its training text more than twice, the exact GELU
+(model.activation = "gelu": cheaper than GPT-2's tanh form on a CPU), and float32
 for rungs up to 128 wide on a CPU where train.dtype = "auto" would pick bf16 (per-op overhead
 dominates there; bf16 gains nothing).
 """
@@ -50,6 +51,9 @@ TRAINING_SHARE = 0.93
 # overhead dominates and float32 is as fast or faster (the char recipes' finding), so auto trains those
 # rungs in float32.
 CPU_FLOAT32_WIDTH = 128
+# The exact GELU: the same quality as GPT-2's tanh form, several times cheaper on CPUs whose tanh kernel
+# is slow (the Intel Xeon of docs/benchmarks.md), no dearer elsewhere; Hugging Face's GPT-2 runs it too.
+ACTIVATION = "gelu"
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,7 @@ def apply_rung(config: Config, rung: Rung, dropout: float = 0.0) -> Config:
     m.preset = "mini"  # a real preset under explicit fields: the saved config needs no auto
     m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout = (rung.n_layer, rung.n_head, rung.n_embd,
                                                              rung.block_size, dropout)
+    m.activation = ACTIVATION
     t.batch_size, t.grad_accum_steps, t.tokens_per_update = rung.batch_size, None, None
     o.name, o.muon_lr, o.muon_momentum = "muon", 0.02, 0.95
     o.lr, o.min_lr = rung.lr, rung.lr / 10
@@ -198,7 +203,7 @@ def _measure(rung: Rung, config: Config, vocab: int, data: Any, rt: Runtime, clo
     with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
         torch.manual_seed(0)
         model = GPT(GPTConfig(vocab_size=vocab, n_layer=rung.n_layer, n_head=rung.n_head, n_embd=rung.n_embd,
-                              block_size=rung.block_size, dropout=0.0)).to(rt.device)
+                              block_size=rung.block_size, dropout=0.0, activation=ACTIVATION)).to(rt.device)
         optimizer = configure_optimizer(model, cfg.optim, rt.device)
         set_lr(optimizer, cfg.optim.lr)
         sampler = BatchSampler(data.train, rung.batch_size, rung.block_size, mode="random", seed=12345)

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from gptforge.model import GPT
 
 # Model fields that must agree with the weights when the config sets them (block_size may be smaller).
-_ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "tie_embeddings")
+_ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "tie_embeddings", "activation")
 
 
 @dataclass
