@@ -4,12 +4,14 @@
     from gptforge.train import train
     result = train(load_config("configs/tinyshakespeare-char.toml"), "runs/char")
 
-Modules: optim (optimizers, LR schedule), checkpoint (atomic checkpoint writes, training state),
-metrics (logger, MFU), init (train.init), plan (the config resolved once), auto (model.preset = "auto"),
-prefetch (batches one step ahead), signals (Ctrl-C/SIGTERM), readback (what the loop reads from the
-device, and when), clock (the training clock and time budget), trainer (the loop). The device set-up
-(gptforge.runtime) and evaluation (gptforge.evaluate) live outside this package: evaluating or
-sampling a run never loads it. `runtime` here re-exports gptforge.runtime.
+Modules: optim (optimizers, LR schedule), checkpoint (atomic checkpoint writes, state.pt), metrics
+(logger, MFU), init (train.init), plan (the config resolved once), auto (model.preset = "auto"),
+prefetch (batches one step ahead), signals (Ctrl-C/SIGTERM), trainer (the loop) and the Trainer's
+methods kept beside it: readback (what the loop reads from the device, and when), clock (the training
+clock and time budget), state (the checkpointed training state), data (the run's data, rank 0 first)
+and report (start event, train records, samples). The device set-up (gptforge.runtime) and
+evaluation (gptforge.evaluate) live outside this package: evaluating or sampling a run never loads
+it. `runtime` here re-exports gptforge.runtime.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """What the loop reads back from the device, and when: the update applied or skipped on the device
 (_step_unless), the first non-finite update remembered there (_watch_finite), the sync steps
-(_is_sync_step) and the one read-back at each (_read_back), so that between log, evaluation and
-checkpoint steps the device never waits for Python.
+(_is_sync_step) and the one read-back at each (_read_back), which stops the run on a non-finite
+update (_stop_on_nan), so that between log, evaluation and checkpoint steps the device never waits
+for Python.
 
 A mixin of the Trainer (gptforge.train.trainer): these methods work on its state (rt, optimizer,
 scaler, step, the _bad_* tensors, the training clock), which the Trainer sets up.
@@ -10,6 +11,9 @@ scaler, step, the _bad_* tensors, the training clock), which the Trainer sets up
 from __future__ import annotations
 
 import torch
+
+from gptforge.errors import GptforgeError
+from gptforge.train import checkpoint as ckpt
 
 
 class _ReadBack:
@@ -86,6 +90,14 @@ class _ReadBack:
             what = "training loss" if int(self._bad_what) == 0 else "gradient norm"
             self._stop_on_nan(what, float(self._bad_value), step)
         return mean_loss, float(grad_norm), interrupted
+
+    def _stop_on_nan(self, what: str, value: float, step: int) -> None:
+        latest = self.run_dir / ckpt.CHECKPOINTS / "latest"
+        where = (f"the last good checkpoint is {latest} (step {self.last_saved_step})"
+                 if self.last_saved_step >= 0 else "no checkpoint was saved yet")
+        self.log.event("stopped", reason="nan", metric=what, value=str(value), step=step)
+        raise GptforgeError(f"the {what} became {value} at step {step} (that update was not applied); {where}; "
+                            "lower optim.lr, set optim.grad_clip, or use train.dtype=bfloat16/float32")
 
     def _synchronize(self) -> None:
         if self.rt.device.type == "cuda":

@@ -40,42 +40,37 @@ from typing import Any
 import numpy as np
 import torch
 
-from gptforge import runs
 from gptforge.bpb import byte_table
 from gptforge.config import AUTO, Config
 from gptforge.data.identity import DATA_IDENTITY, check_data_identity, save_data_identity
-from gptforge.data.pipeline import prepare
 from gptforge.data.sampler import BatchSampler
-from gptforge.data.tokenizers import load_tokenizer
-from gptforge.errors import GptforgeError
 from gptforge.evaluate import EvalLoss, evaluate_run, mean_loss, split_loss, split_windows
-from gptforge.generate import Generator  # samples written while training (train.sample_every)
 from gptforge.io import RunLock
 from gptforge.model import GPT
 from gptforge.runtime import (
     Runtime,
     grad_scaler,
     resolve_dtype,
-    rng_state,
     seed_everything,
-    set_rng_state,
     setup_runtime,
 )
 from gptforge.train import checkpoint as ckpt
 from gptforge.train.clock import _BudgetClock
-from gptforge.train.metrics import MetricsLogger, device_peak_flops, mfu
+from gptforge.train.data import _RunData
+from gptforge.train.metrics import MetricsLogger
 from gptforge.train.optim import (
     configure_optimizer,
     lr_at,
     lr_at_time,
     set_lr,
     warmup_clipped_by_time,
-    warmup_updates,
 )
 from gptforge.train.plan import RunPlan, plan_run
 from gptforge.train.prefetch import _Prefetcher
 from gptforge.train.readback import _ReadBack
+from gptforge.train.report import _Report
 from gptforge.train.signals import _StopRequest
+from gptforge.train.state import _TrainState
 
 # Evaluation and the data-identity file live outside the training package (gptforge.evaluate,
 # gptforge.data.identity); their old names here keep working.
@@ -115,11 +110,14 @@ def train(config: Config, out_dir: str | Path, resume: bool = False,
     return trainer.train()
 
 
-class Trainer(_ReadBack, _BudgetClock):
+class Trainer(_ReadBack, _BudgetClock, _TrainState, _RunData, _Report):
     """One run: model, optimizer, data stream and counters; `train()` drives it."""
 
-    # Beside the loop: the device read-backs (_ReadBack, train/readback.py) and the training clock
-    # (_BudgetClock, train/clock.py) are methods of this class kept in files named for them.
+    # Beside the loop, methods of this class kept in files named for their concern: the device
+    # read-backs (_ReadBack, train/readback.py), the training clock (_BudgetClock, train/clock.py), the
+    # checkpointed state (_TrainState, train/state.py: state_dict, save_checkpoint, resume), the data
+    # preparation (_RunData, train/data.py) and the start event, train records and samples (_Report,
+    # train/report.py: write_sample).
 
     def __init__(self, config: Config, out_dir: str | Path, resume: bool = False,
                  eval_hook: EvalHook | None = None, clock: Callable[[], float] | None = None) -> None:
@@ -407,100 +405,6 @@ class Trainer(_ReadBack, _BudgetClock):
             self.eval_model.train()
         return record
 
-    def write_sample(self) -> str:
-        """A short sample from train.sample_prompt, with a fixed seed so samples compare across the run
-        (console and RUN/samples.jsonl, rank 0). Its own RNG and eval mode: the training is unchanged."""
-        t = self.config.train
-        settings = {"temperature": 0.8, "top_k": 40, "seed": t.seed}
-        text = ""
-        if self.rt.is_main:
-            try:
-                text = Generator(self.raw_model, self.tokenizer).generate(
-                    t.sample_prompt, max_new_tokens=t.sample_tokens, **settings)[0]
-            finally:
-                self.raw_model.train()
-            self.log.sample(self.step, t.sample_prompt, text, tokens=self.tokens, **settings)
-        self._last_sample_step = self.step
-        return text
-
-    def _sample_due(self, final: bool = False) -> bool:
-        """At each evaluation by default (final: the one that ends the run), else every sample_every."""
-        every = self.config.train.sample_every
-        if self._last_sample_step == self.step:
-            return False
-        if every is None:
-            return self.last_eval_step == self.step
-        return every > 0 and (final or self.step % every == 0)
-
-    # ------------------------------------------------------------------------------------ state
-
-    def state_dict(self, collective: bool = True) -> dict[str, Any]:
-        """Everything but the weights that a resume needs; tensors and plain containers only.
-        Under DDP every rank must call it (it gathers all ranks' RNG states) unless collective=False."""
-        rng = rng_state()
-        if self.rt.distributed and collective:  # every rank's generators (rank 0 saves them)
-            rngs: list[Any] = [None] * self.world
-            torch.distributed.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
-        return {
-            "trainer": {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
-                        "best_val": self.best_val, "last_train_loss": self.last_train_loss,
-                        "last_eval_train_loss": self.last_eval_train_loss, "last_val_loss": self.last_val_loss, "last_eval_step": self.last_eval_step,
-                        "world_size": self.world, "accum": self.accum},
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "sampler": {k: int(v) if isinstance(v, (int, np.integer)) else v
-                        for k, v in self.batches.state_dict().items()},
-            "rng": rngs,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        tr = state["trainer"]
-        if int(tr["world_size"]) * int(tr["accum"]) != self.world * self.accum:
-            raise GptforgeError(
-                f"the run was trained with {tr['world_size']} process(es) x {tr['accum']} accumulation steps; "
-                f"resume with the same global batch (now {self.world} x {self.accum})")
-        self.step, self.tokens, self.elapsed = int(tr["step"]), int(tr["tokens"]), float(tr["elapsed"])
-        self.best_val = float(tr["best_val"])
-        self.last_train_loss, self.last_val_loss = tr["last_train_loss"], tr["last_val_loss"]
-        self.last_eval_train_loss = tr.get("last_eval_train_loss")  # absent in older checkpoints
-        self.last_eval_step = int(tr["last_eval_step"])
-        self.last_saved_step = self.step
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.batches.load_state_dict(state["sampler"])
-        rngs = state["rng"]
-        # Same world size: each rank its own generators; otherwise rank 0's (not bit-exact then).
-        set_rng_state(rngs[self.rt.rank] if len(rngs) == self.world else rngs[0])
-
-    def save_checkpoint(self, keep_step_copy: bool = False, collective: bool = True) -> None:
-        """checkpoints/latest (atomically), plus a step-NNNNNNN copy and pruning when asked.
-        Collective under DDP (every rank takes part) unless collective=False (rank 0 alone)."""
-        clock = self.clock()
-        # The elapsed time saved counts everything done at this step (its evaluation and sample too),
-        # and the previous save's seconds stand in for this one's, so a resume gets no time back.
-        self._tick()
-        elapsed = self.elapsed
-        self.elapsed += self._last_checkpoint_s
-        try:
-            state = self.state_dict(collective)
-        finally:
-            self.elapsed = elapsed
-        if self.rt.is_main and self.last_saved_step != self.step:
-            latest = self.run_dir / ckpt.CHECKPOINTS / "latest"
-            ckpt.save_model(latest, self.raw_model, {**self._info(), "time": state["trainer"]["elapsed"]}, state=state)
-            self.last_saved_step = self.step
-        if self.rt.is_main and keep_step_copy and self.config.train.keep_last > 0:
-            latest = self.run_dir / ckpt.CHECKPOINTS / "latest"
-            ckpt.copy_checkpoint(latest, self.run_dir / ckpt.CHECKPOINTS / ckpt.step_name(self.step))
-            ckpt.prune_step_checkpoints(self.run_dir, self.config.train.keep_last)
-        if collective:
-            self.rt.barrier()
-        self._last_checkpoint_s = self.clock() - clock
-        self._interval = (self.clock(), self.tokens)
-
     # ------------------------------------------------------------------------------------ helpers
 
     def _evaluate_and_maybe_stop(self, final: bool = False) -> str | None:
@@ -561,64 +465,6 @@ class Trainer(_ReadBack, _BudgetClock):
         batches = (sampler.next_batch() for _ in range(t.eval_batches))
         return mean_loss(self.eval_model, batches, self.eval_rt, byte_table(self.tokenizer))
 
-    def _stop_on_nan(self, what: str, value: float, step: int) -> None:
-        latest = self.run_dir / ckpt.CHECKPOINTS / "latest"
-        where = (f"the last good checkpoint is {latest} (step {self.last_saved_step})"
-                 if self.last_saved_step >= 0 else "no checkpoint was saved yet")
-        self.log.event("stopped", reason="nan", metric=what, value=str(value), step=step)
-        raise GptforgeError(f"the {what} became {value} at step {step} (that update was not applied); {where}; "
-                            "lower optim.lr, set optim.grad_clip, or use train.dtype=bfloat16/float32")
-
-    def _log_train(self, loss: float, grad_norm: float, lr: float) -> None:
-        now = self.clock()
-        t0, tok0 = self._interval
-        tps = (self.tokens - tok0) / max(now - t0, 1e-9) if self.tokens > tok0 else None
-        self._interval = (now, self.tokens)
-        fields = {"tokens": self.tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "elapsed_s": round(self.elapsed, 3)}
-        if tps is not None:  # none right after the compile step, which is timed apart
-            fields["tokens_per_s"] = tps
-        if self.config.data.sampling == "sequential":
-            fields["epoch"] = self.batches.state_dict()["epoch"]
-        if self._peak_flops and tps is not None:
-            fields["mfu"] = mfu(self._flops_per_token, tps / self.world, self._peak_flops)
-        self.log.log_train(self.step, **fields)
-        self._last_logged_step = self.step
-
-    def _log_start(self) -> None:
-        self._flops_per_token = float(self.raw_model.flops_per_token())
-        peak_source = "unknown"
-        if self.rt.is_main:
-            try:
-                # Measuring a CPU's peak draws random matrices: keep that off the training RNGs,
-                # or a run's dropout masks would depend on whether the number was cached.
-                gpu = self.rt.device.type != "cpu"
-                with torch.random.fork_rng(devices=[self.rt.device] if gpu else [],
-                                           device_type=self.rt.device.type if gpu else "cuda"):
-                    self._peak_flops, peak_source = device_peak_flops(self.rt.device, self.rt.dtype)
-            except Exception as e:  # MFU is a nicety; never fail a run over it
-                peak_source = f"unavailable ({type(e).__name__})"
-        self.log.mfu_basis = "vs measured GEMM" if peak_source.startswith("measured") else "vs datasheet peak"
-        self._interval = (self.clock(), self.tokens)
-        self._last_logged_step = self.step
-        if self.restarted:
-            self.log.print(f"gptforge: {self.run_dir} saved no checkpoint before it stopped; starting it again "
-                           "from step 0 with its saved config")
-        self.log.event(
-            "resumed" if self.step else ("restarted" if self.restarted else "started"), step=self.step, run_dir=str(self.run_dir),
-            device=str(self.rt.device), dtype=str(self.rt.dtype).removeprefix("torch."), world_size=self.world,
-            params=self.raw_model.num_params(), batch_size=self.config.train.batch_size,
-            grad_accum_steps=self.accum, tokens_per_update=self.tokens_per_update, block_size=self.block_size,
-            vocab_size=self.tokenizer.vocab_size, train_tokens=len(self.data.train),
-            val_tokens=0 if self.data.val is None else len(self.data.val), peak_flops=self._peak_flops,
-            peak_flops_source=peak_source, mfu_basis=self.log.mfu_basis)
-        if self.auto is not None:
-            self.log.event("auto", step=0, **self.auto.event())
-        o = self.config.optim
-        if not self.by_time and self.step == 0 and warmup_updates(o, self.total_steps) < o.warmup_steps:
-            self.log.event("warmup_clipped", step=0, warmup_steps=warmup_updates(o, self.total_steps),
-                           asked=o.warmup_steps, reason=f"at most half of the run's {self.total_steps} updates")
-
     def _finish(self) -> None:
         self.log.close()
         if self.rt.is_main and (self.run_dir / "metrics.jsonl").is_file():
@@ -634,68 +480,3 @@ class Trainer(_ReadBack, _BudgetClock):
             self.rt.barrier()
         self.rt.close()
         self._lock.release()
-
-    def _info(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens, "train_loss": self.last_train_loss,
-                "eval_train_loss": self.last_eval_train_loss, "val_loss": self.last_val_loss,
-                "time": round(self.elapsed, 3)}
-
-    def _check_run_dir(self, resume: bool) -> bool:
-        """Whether the run directory holds a checkpoint to resume; refuses to overwrite a run."""
-        latest = self.run_dir / ckpt.CHECKPOINTS / "latest"
-        has_checkpoint = latest.exists() or latest.with_name("latest.old").exists()
-        if resume:
-            if not has_checkpoint and (self.run_dir / "config.toml").is_file():
-                return False  # killed before its first checkpoint: start it again (see __init__)
-            runs.resolve_checkpoint(self.run_dir, "latest")  # clear error when there is none
-        elif has_checkpoint:
-            raise GptforgeError(f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir}, "
-                                "or pick another --out")
-        elif (self.run_dir / "config.toml").exists():
-            raise GptforgeError(f"{self.run_dir} holds a run that saved no checkpoint yet; start it again with "
-                                f"--resume {self.run_dir}, or pick another --out")
-        return has_checkpoint
-
-    def _choose_for_budget(self, config: Config) -> Config:
-        """model.preset = "auto": prepare the data at the smallest context, measure the ladder's rungs on
-        this machine and return the config with the chosen shape, batch and LRs written in (saved in
-        RUN/config.toml, so the run reproduces and resumes without auto). Its seconds count in the budget."""
-        from gptforge.train import auto
-
-        config.validate()
-        probe = dataclasses.replace(config, model=dataclasses.replace(config.model, preset="tiny",
-                                                                      block_size=auto.smallest_context()))
-        self.plan = plan_run(probe, world_size=self.rt.world_size)
-        self.config = self.plan.config
-        self.block_size = self.plan.block_size
-        self.init = None
-        data = self._prepare_data_in_turn(False)
-        self.auto = auto.choose_for_budget(config, data, self.rt, clock=self.clock)
-        return self.auto.config
-
-    def _prepare_data_in_turn(self, resume: bool):
-        """Rank 0 prepares (or reuses) the token files while the others wait, then they read the same cache."""
-        if self.rt.is_main:
-            data = self._prepare_data(resume)
-        self.rt.barrier()
-        if not self.rt.is_main:
-            data = self._prepare_data(resume)
-        return data
-
-    def _prepare_data(self, resume: bool):
-        d = self.config.data
-        tokenizer: Any = d.tokenizer
-        if resume or (self.run_dir / "tokenizer").is_dir():
-            # The saved tokenizer, so a char/bpe vocabulary is never rebuilt differently.
-            tokenizer = load_tokenizer(self.run_dir / "tokenizer")
-        elif self.init is not None and self.init.tokenizer is not None:
-            tokenizer = self.init.tokenizer  # fine-tuning a gptforge run keeps its vocabulary
-        return prepare(d.corpus, tokenizer=tokenizer, val_fraction=d.val_fraction,
-                       bpe_vocab_size=d.bpe_vocab_size if d.tokenizer == "bpe" else None,
-                       block_size=self.block_size, **d.prepare_options())
-
-    def _load_latest(self) -> None:
-        latest = runs.resolve_checkpoint(self.run_dir, "latest")
-        runs.load_weights(self.raw_model, latest, self.rt.device)
-        # On the CPU: RNG states must be CPU tensors; optimizer.load_state_dict moves its state to the weights.
-        self.load_state_dict(ckpt.load_state(latest, map_location="cpu"))
