@@ -36,13 +36,21 @@ BATCH = 8
 
 WORKER = r"""
 import json, sys, time, torch
-from gptforge.model import GPT, GPTConfig
-from gptforge.config import OptimConfig
-from gptforge.train.optim import configure_optimizer
 args = json.loads(sys.argv[1])
 torch.manual_seed(0)
-model = GPT(GPTConfig(**args["shape"]))
-opt = configure_optimizer(model, OptimConfig(), torch.device("cpu"))
+if args["impl"] == "nanogpt":  # nanoGPT's own model.py and its configure_optimizers (train.py's defaults)
+    sys.path.insert(0, args["nanogpt"])
+    from model import GPT, GPTConfig
+    shape = dict(args["shape"], vocab_size=50304, dropout=0.0, bias=True)  # train.py's padded vocabulary
+    model = GPT(GPTConfig(**shape))
+    opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), "cpu")
+    model.flops_per_token = lambda: 6 * model.get_num_params() + 12 * shape["n_layer"] * shape["n_embd"] * shape["block_size"]
+else:
+    from gptforge.model import GPT, GPTConfig
+    from gptforge.config import OptimConfig
+    from gptforge.train.optim import configure_optimizer
+    model = GPT(GPTConfig(**args["shape"], **({"activation": args["activation"]} if args.get("activation") else {})))
+    opt = configure_optimizer(model, OptimConfig(), torch.device("cpu"))
 dtype = getattr(torch, args["dtype"])
 T, B, V = args["shape"]["block_size"], args["batch"], args["shape"]["vocab_size"]
 g = torch.Generator().manual_seed(1)
@@ -98,9 +106,13 @@ def extract(rev: str, into: Path) -> Path:
     return into / "src"
 
 
-def measure(src: Path, dtype: str, steps: int, warmup: int, profile: int = 0) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(src)}
-    spec = {"shape": SHAPE, "batch": BATCH, "dtype": dtype, "steps": steps, "warmup": warmup, "profile": profile}
+def measure(src: Path | None, dtype: str, steps: int, warmup: int, profile: int = 0, impl: str = "gptforge",
+            activation: str | None = None, nanogpt: str | None = None) -> dict:
+    """One fresh process: gptforge from `src` (its GELU set to `activation` when given), or nanoGPT's
+    model from the checkout `nanogpt` (impl="nanogpt")."""
+    env = {**os.environ, "PYTHONPATH": str(src or "")}
+    spec = {"shape": SHAPE, "batch": BATCH, "dtype": dtype, "steps": steps, "warmup": warmup, "profile": profile,
+            "impl": impl, "activation": activation, "nanogpt": nanogpt}
     proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(spec)], env=env, capture_output=True,
                           text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -119,6 +131,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="processes per (tree, dtype), alternating")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--nanogpt", default=None, metavar="DIR",
+                        help="also measure nanoGPT's model.py from this checkout (fetch it; never copied here), "
+                             "beside today's model with nanoGPT's exact GELU (model.activation = 'gelu')")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
@@ -128,7 +143,10 @@ def main() -> None:
     print(machine, flush=True)
     tokens = BATCH * SHAPE["block_size"]
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {"baseline": extract(args.baseline, Path(tmp)), "today": REPO / "src"}
+        trees = {"baseline": (extract(args.baseline, Path(tmp)), {}), "today": (REPO / "src", {})}
+        if args.nanogpt:
+            trees["today, exact GELU"] = (REPO / "src", {"activation": "gelu"})
+            trees["nanoGPT"] = (None, {"impl": "nanogpt", "nanogpt": str(Path(args.nanogpt).resolve())})
         results: dict[tuple[str, str], list[float]] = {}
         rss: dict[tuple[str, str], list[int]] = {}
         gemm: dict[str, list[float]] = {}
@@ -136,15 +154,15 @@ def main() -> None:
         profiles: dict[tuple[str, str], list] = {}
         for dtype in args.dtypes.split(","):
             for rep in range(args.repeats):
-                for name, src in trees.items():
-                    r = measure(src, dtype, args.steps, args.warmup, profile=12 if rep == 0 else 0)
+                for name, (src, how) in trees.items():
+                    r = measure(src, dtype, args.steps, args.warmup, profile=12 if rep == 0 else 0, **how)
                     results.setdefault((name, dtype), []).append(r["best_s"])
                     rss.setdefault((name, dtype), []).append(r.get("peak_rss", 0))
                     gemm.setdefault(dtype, []).append(r["gemm_flops"])
                     flops_per_token = r["flops_per_token"]
                     if "profile" in r:
                         profiles[(name, dtype)] = r["profile"]
-                    print(f"{dtype:9s} {name:8s} step {r['best_s']:.3f} s ({tokens / r['best_s']:,.0f} tokens/s), "
+                    print(f"{dtype:9s} {name:17s} step {r['best_s']:.3f} s ({tokens / r['best_s']:,.0f} tokens/s), "
                           f"loss {r['loss']:.4f}, peak RSS {r.get('peak_rss', 0) / 1e6:,.0f} MB", flush=True)
     lines = [f"## CPU training step: today against {args.baseline}", "",
              f"`python benchmarks/cpu_step.py --baseline {args.baseline}`: the GPT-2-vocabulary model "
@@ -161,6 +179,23 @@ def main() -> None:
                      f"{peaks[0]:,.0f} MB | {peaks[1]:,.0f} MB |")
         print(f"{dtype}: today / baseline = {base / today:.2f}x", flush=True)
     lines.append("")
+    if args.nanogpt:
+        lines += ["Beside nanoGPT's own `model.py` (a checkout given with `--nanogpt`; its `configure_optimizers`, "
+                  "the same shape, its vocabulary padded to 50,304 as its train.py does, the same step: autocast, "
+                  "backward, clipping at 1.0, AdamW), in the same alternating processes. nanoGPT's MLP runs the "
+                  "exact GELU; `today, exact GELU` is gptforge with `model.activation = \"gelu\"`:", "",
+                  "| dtype | nanoGPT tokens/s | gptforge (GPT-2's tanh GELU) | ratio | gptforge (exact GELU) | ratio "
+                  "| nanoGPT peak RSS | gptforge peak RSS (exact GELU) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for dtype in args.dtypes.split(","):
+            nano = statistics.median(results[("nanoGPT", dtype)])
+            today = statistics.median(results[("today", dtype)])
+            exact = statistics.median(results[("today, exact GELU", dtype)])
+            lines.append(f"| {dtype} | {tokens / nano:,.0f} | {tokens / today:,.0f} | {nano / today:.2f}x | "
+                         f"{tokens / exact:,.0f} | {nano / exact:.2f}x | {max(rss[('nanoGPT', dtype)]) / 1e6:,.0f} MB | "
+                         f"{max(rss[('today, exact GELU', dtype)]) / 1e6:,.0f} MB |")
+            print(f"{dtype}: gptforge (exact GELU) / nanoGPT = {nano / exact:.2f}x", flush=True)
+        lines.append("")
     lines += [f"The step against the matmul rate of the same processes (a 2048x2048 matmul, median over them; "
               f"the model's {flops_per_token / 1e6:.1f} MFLOP per token, forward and backward):", "",
               "| dtype | GEMM GFLOP/s | tokens/s at the GEMM rate | today's share of it |", "|---|---:|---:|---:|"]
