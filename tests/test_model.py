@@ -345,3 +345,37 @@ def test_chunked_loss_gradient_for_x_alone_or_the_weight_alone():
         (ours,) = torch.autograd.grad(chunked_cross_entropy(x, w, t, 33, chunk=7), x if grad_x else w)
         (ref,) = torch.autograd.grad(F.cross_entropy((x @ w.t())[:, :33], t), x if grad_x else w)
         assert (ours - ref).abs().max().item() <= 1e-5
+
+
+def test_too_long_inputs_are_refused_with_the_numbers():
+    m = _tiny()
+    with pytest.raises(GptforgeError, match=r"^sequence of 65 positions is longer than the model's block_size 64; "
+                                            r"crop the input to the last 64 tokens$"):
+        m(torch.zeros(1, 65, dtype=torch.long))
+    cache = m.new_kv_cache(1, max_len=8)
+    with torch.no_grad():
+        m(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
+        with pytest.raises(GptforgeError, match=r"^KV cache holds 8 positions, 9 needed; make a larger cache "
+                                                r"with model.new_kv_cache\(max_len=...\)$"):
+            m(torch.zeros(1, 4, dtype=torch.long), kv_cache=cache)
+        full = m.new_kv_cache(1)
+        m(torch.zeros(1, 60, dtype=torch.long), kv_cache=full)
+        with pytest.raises(GptforgeError, match=r"^sequence of 66 positions"):  # 60 cached + 6 new
+            m(torch.zeros(1, 6, dtype=torch.long), kv_cache=full)
+
+
+def test_the_first_block_sees_token_plus_position_embeddings():
+    """GPT-2's input: wte[token] + wpe[position], from position 0 (or the cache's position) on. The other
+    tests compare the model with itself (cached and not), which a sign error here would pass."""
+    m = _tiny()
+    seen = []
+    m.transformer.h[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    idx = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(2))
+    wte, wpe = m.transformer.wte.weight.detach(), m.transformer.wpe.weight.detach()
+    with torch.no_grad():
+        m(idx)
+        cache = m.new_kv_cache(2)
+        m(idx[:, :4], kv_cache=cache)
+        m(idx[:, 4:], kv_cache=cache)
+    assert torch.equal(seen[0], wte[idx] + wpe[:9])
+    assert torch.equal(seen[1], wte[idx[:, :4]] + wpe[:4]) and torch.equal(seen[2], wte[idx[:, 4:]] + wpe[4:9])
