@@ -82,6 +82,59 @@ def test_top_p_keeps_exactly_the_nucleus():
     assert set(sample_next(logits, 1.0, top_k=2, top_p=0.99, generator=g).tolist()) == {1, 3}
 
 
+def test_top_p_one_is_off_and_a_nucleus_that_fills_exactly_stops_there():
+    # p = 1 leaves every id, even ids whose probability rounds to 0 (the mass before them is then 1.0).
+    logits = torch.tensor([[0.0, -200.0, -300.0], [-300.0, 0.0, -200.0]])
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+    # 0.5 + 0.25 is exactly 0.75 in floating point: the nucleus is full, the next id is out.
+    exact = torch.tensor([[0.125, 0.5, 0.125, 0.25]]).log()
+    kept = torch.isfinite(top_p_filter(exact, 0.75))
+    assert kept.tolist() == [[False, True, False, True]]
+
+
+def test_sample_next_divides_by_the_temperature_and_checks_its_settings():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).expand(2000, 4)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, temperature=0.05, generator=g).tolist()) == {3}  # nearly greedy
+    assert set(sample_next(logits, temperature=100.0, generator=g).tolist()) == {0, 1, 2, 3}  # nearly uniform
+    by_default = sample_next(logits, generator=torch.Generator().manual_seed(5))  # temperature 1, no filters
+    assert torch.equal(by_default, sample_next(logits, 1.0, None, 1.0, generator=torch.Generator().manual_seed(5)))
+    one = sample_next(torch.zeros(1, 7), generator=g)
+    assert one.shape == (1,) and 0 <= int(one) < 7  # one id per row, also for a single row
+    for bad in (dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0)):
+        with pytest.raises(GptforgeError):
+            sample_next(logits, **bad)
+
+
+def test_make_rng_is_seeded_or_fresh():
+    from gptforge.generate import make_rng
+
+    a, b = make_rng(1234), make_rng(1234, "cpu")  # on the CPU by default
+    assert torch.equal(torch.rand(8, generator=a), torch.rand(8, generator=b))
+    assert a.device.type == "cpu" and make_rng(1234).initial_seed() == 1234
+    assert make_rng(None).initial_seed() != make_rng(None).initial_seed()  # OS entropy each time
+
+
+def test_sampling_settings_at_their_limits():
+    check_sampling()  # the defaults are valid
+    for ok in (dict(temperature=0.0), dict(temperature=1e-6), dict(top_k=0), dict(top_k=1), dict(top_p=1.0),
+               dict(top_p=1e-9), dict(max_new_tokens=0), dict(num_samples=1), dict(seed=-(2**63)),
+               dict(seed=2**64 - 1), dict(seed=0), dict(seed=None)):
+        check_sampling(**ok)
+    for bad, message in (
+        (dict(temperature=float("inf")), r"^temperature must be a finite number >= 0 \(0 = greedy\), got inf$"),
+        (dict(top_k=-1), r"^top-k must be >= 0 \(0 = off\), got -1$"),
+        (dict(top_p=0.0), r"^top-p must be in \(0, 1\] \(1 = off\), got 0.0$"),
+        (dict(top_p=1.0001), r"^top-p must be in \(0, 1\] \(1 = off\), got 1.0001$"),
+        (dict(max_new_tokens=-1), r"^max new tokens must be >= 0, got -1$"),
+        (dict(num_samples=0), r"^number of samples must be >= 1, got 0$"),
+        (dict(seed=-(2**63) - 1), r"^seed -9223372036854775809 does not fit in 64 bits; choose one in \[-2\*\*63, 2\*\*64\)$"),
+        (dict(seed=2**64), r"^seed 18446744073709551616 does not fit in 64 bits"),
+    ):
+        with pytest.raises(GptforgeError, match=message):
+            check_sampling(**bad)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(max_new_tokens=-1),

@@ -323,3 +323,78 @@ def test_the_readme_states_the_loss_chunk_size_the_model_uses():
     said = re.findall(r"run in chunks of ([\d,]+) rows", readme)
     assert len(said) == 1, "README.md must say once how many rows the LM-head loss takes at a time"
     assert int(said[0].replace(",", "")) == GPT(GPTConfig.from_preset("tiny", vocab_size=65)).loss_chunk_size
+
+
+# The tests below were added for mutants that survived `make mutate` (docs/testing.md).
+
+
+def test_kv_cache_buffers_follow_the_model_or_what_is_asked():
+    m = _tiny()
+    c = m.new_kv_cache(3, max_len=5)
+    assert c.k.shape == c.v.shape == (2, 3, 2, 5, 32) and c.max_len == 5 and c.pos == 0
+    assert c.k.dtype == c.v.dtype == torch.float32 and c.k.device.type == "cpu"
+    c16 = m.new_kv_cache(1, dtype=torch.bfloat16, device="meta")  # asked for: another dtype and device
+    assert c16.k.dtype == c16.v.dtype == torch.bfloat16 and c16.k.device.type == c16.v.device.type == "meta"
+    assert m.to(torch.bfloat16).new_kv_cache(1).v.dtype == torch.bfloat16  # by default: the model's own
+    with torch.device("meta"):
+        shapes_only = GPT.from_preset("tiny", vocab_size=100)
+    assert shapes_only.new_kv_cache(1).k.device.type == "meta"
+
+
+def test_kv_cache_lengths_from_one_to_block_size():
+    m = _tiny()
+    idx = torch.randint(0, 100, (1, 2), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        one = m.new_kv_cache(1, max_len=1)  # the smallest cache holds a single position
+        assert torch.allclose(m(idx[:, :1], kv_cache=one)[0], m(idx[:, :1])[0], atol=1e-6)
+        assert m.new_kv_cache(1).max_len == m.new_kv_cache(1, max_len=64).max_len == 64
+    for bad in (0, 65):
+        with pytest.raises(GptforgeError, match=rf"^KV cache max_len={bad} must be in \[1, block_size=64\]$"):
+            m.new_kv_cache(1, max_len=bad)
+
+
+def test_chunked_loss_gradient_for_x_alone_or_the_weight_alone():
+    """The hidden states need a gradient when the head is frozen, and the reverse (fine-tuning the head
+    alone): each input gets its own, as F.cross_entropy gives."""
+    g = torch.Generator().manual_seed(8)
+    x0, w0 = torch.randn(30, 16, generator=g), torch.randn(40, 16, generator=g)
+    t = torch.randint(0, 33, (30,), generator=g)
+    for grad_x in (True, False):
+        x, w = x0.clone().requires_grad_(grad_x), w0.clone().requires_grad_(not grad_x)
+        (ours,) = torch.autograd.grad(chunked_cross_entropy(x, w, t, 33, chunk=7), x if grad_x else w)
+        (ref,) = torch.autograd.grad(F.cross_entropy((x @ w.t())[:, :33], t), x if grad_x else w)
+        assert (ours - ref).abs().max().item() <= 1e-5
+
+
+def test_too_long_inputs_are_refused_with_the_numbers():
+    m = _tiny()
+    with pytest.raises(GptforgeError, match=r"^sequence of 65 positions is longer than the model's block_size 64; "
+                                            r"crop the input to the last 64 tokens$"):
+        m(torch.zeros(1, 65, dtype=torch.long))
+    cache = m.new_kv_cache(1, max_len=8)
+    with torch.no_grad():
+        m(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
+        with pytest.raises(GptforgeError, match=r"^KV cache holds 8 positions, 9 needed; make a larger cache "
+                                                r"with model.new_kv_cache\(max_len=...\)$"):
+            m(torch.zeros(1, 4, dtype=torch.long), kv_cache=cache)
+        full = m.new_kv_cache(1)
+        m(torch.zeros(1, 60, dtype=torch.long), kv_cache=full)
+        with pytest.raises(GptforgeError, match=r"^sequence of 66 positions"):  # 60 cached + 6 new
+            m(torch.zeros(1, 6, dtype=torch.long), kv_cache=full)
+
+
+def test_the_first_block_sees_token_plus_position_embeddings():
+    """GPT-2's input: wte[token] + wpe[position], from position 0 (or the cache's position) on. The other
+    tests compare the model with itself (cached and not), which a sign error here would pass."""
+    m = _tiny()
+    seen = []
+    m.transformer.h[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    idx = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(2))
+    wte, wpe = m.transformer.wte.weight.detach(), m.transformer.wpe.weight.detach()
+    with torch.no_grad():
+        m(idx)
+        cache = m.new_kv_cache(2)
+        m(idx[:, :4], kv_cache=cache)
+        m(idx[:, 4:], kv_cache=cache)
+    assert torch.equal(seen[0], wte[idx] + wpe[:9])
+    assert torch.equal(seen[1], wte[idx[:, :4]] + wpe[:4]) and torch.equal(seen[2], wte[idx[:, 4:]] + wpe[4:9])

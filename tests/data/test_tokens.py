@@ -353,6 +353,72 @@ def test_sampler_reads_a_prepared_memmap(tmp_path):
     assert x.dtype == torch.int64 and torch.equal(y[:, :-1], x[:, 1:])
 
 
+# The tests below were added for mutants that survived `make mutate` (docs/testing.md).
+
+
+def test_sampler_sizes_at_their_smallest_and_below():
+    with pytest.raises(GptforgeError, match="batch size 0 and block size 8 must be positive"):
+        BatchSampler(_tokens(), 0, 8)
+    with pytest.raises(GptforgeError, match="batch size 2 and block size 0 must be positive"):
+        BatchSampler(_tokens(), 2, 0)
+    x, y = BatchSampler(_tokens(), 1, 1, seed=2).next_batch()  # one window of one token: allowed
+    assert x.shape == y.shape == (1, 1) and int(y) == int(x) + 1
+    # Exactly block size + 1 tokens hold one window, the whole array, in either mode.
+    for mode in ("random", "sequential"):
+        x, y = BatchSampler(_tokens(17), 2, 16, mode=mode).next_batch()
+        assert x.tolist() == [list(range(16))] * 2 and y.tolist() == [list(range(1, 17))] * 2
+    with pytest.raises(GptforgeError, match=r"cannot hold one window of block size 16 \(needs block size \+ 1\); "
+                                            "give more text or a smaller block size"):
+        BatchSampler(_tokens(16), 2, 16)
+
+
+def test_random_starts_cover_every_window_and_no_more():
+    toks = _tokens(40)
+    s = BatchSampler(toks, 16, 8, seed=0)
+    starts = set()
+    for _ in range(40):
+        x, y = s.next_batch()
+        starts.update(x[:, 0].tolist())
+    assert starts == set(range(40 - 8))  # 0 included, 31 (whose target is the last token) the largest
+
+
+def test_random_batch_k_is_a_function_of_seed_and_k_alone():
+    """What resume relies on: batch k of seed s is the same whether k batches were drawn before it or
+    the sampler was loaded at step k; and no two steps repeat a batch."""
+    toks = _tokens()
+    s = BatchSampler(toks, 4, 8, seed=3)
+    assert s.state_dict() == {"mode": "random", "seed": 3, "step": 0, "windows_seen": 0, "epoch": 0}
+    batches = [s.next_batch()[0] for _ in range(4)]
+    assert s.state_dict()["step"] == 4
+    assert all(not torch.equal(a, b) for i, a in enumerate(batches) for b in batches[i + 1:])
+    for k, expected in enumerate(batches):
+        t = BatchSampler(toks, 4, 8, seed=0)
+        t.load_state_dict({"mode": "random", "seed": 3, "step": k, "windows_seen": 0})
+        assert torch.equal(t.next_batch()[0], expected), k
+    default = BatchSampler(toks, 4, 8)  # the documented default seed is 0
+    assert torch.equal(default.next_batch()[0], BatchSampler(toks, 4, 8, seed=0).next_batch()[0])
+
+
+def test_sequential_windows_stay_inside_the_tokens_at_every_length():
+    for n in range(9, 30):  # every remainder of (n - 1) % block_size
+        s = BatchSampler(_tokens(n), 3, 4, mode="sequential")
+        windows = (n - 1) // 4
+        starts = []
+        for _ in range(windows):  # three epochs' worth of windows
+            x, y = s.next_batch()
+            starts += x[:, 0].tolist()
+            assert int(y.max()) <= n - 1 and torch.equal(y, x + 1)
+        assert starts == [4 * (i % windows) for i in range(3 * windows)], n
+        assert s.epoch == 3 and s.state_dict()["epoch"] == 3
+
+
+def test_a_state_of_the_other_mode_is_refused_by_name():
+    state = BatchSampler(_tokens(), 4, 8).state_dict()
+    with pytest.raises(GptforgeError, match="^sampler state is for mode 'random', not 'sequential'; "
+                                            "resume with the same data settings$"):
+        BatchSampler(_tokens(), 4, 8, mode="sequential").load_state_dict(state)
+
+
 # --------------------------------------------------------------------------------------------- shards, streaming
 
 import gzip  # noqa: E402

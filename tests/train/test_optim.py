@@ -127,3 +127,42 @@ def test_edge_schedules_found_by_mutation_testing():
     # A wsd cool-down of less than one update is one update: only the last is at the floor.
     cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=0, schedule="wsd", cooldown_fraction=0.2)
     assert [lr_at(s, cfg, 4) for s in range(4)] == [1.0, 1.0, 1.0, pytest.approx(0.1)]
+
+
+def test_set_lr_scales_muon_groups_by_their_own_peak():
+    """Muon's groups run at muon_lr where AdamW's run at lr: the schedule's value is scaled for them."""
+    from gptforge.train.optim import set_lr
+
+    model = GPT.from_preset("tiny", n_layer=1, vocab_size=50)
+    opt = configure_optimizer(model, OptimConfig(name="muon", lr=0.01, muon_lr=0.04), torch.device("cpu"))
+    set_lr(opt, 0.005)  # half of the peak
+    assert [g["lr"] for g in opt.muon.param_groups] == [pytest.approx(0.02)] * len(opt.muon.param_groups)
+    assert [g["lr"] for g in opt.adamw.param_groups] == [0.005] * len(opt.adamw.param_groups)
+    adamw = configure_optimizer(model, OptimConfig(lr=0.01), torch.device("cpu"))
+    set_lr(adamw, 0.003)
+    assert [g["lr"] for g in adamw.param_groups] == [0.003, 0.003]
+
+
+def test_warmup_updates_clips_to_half_of_a_known_length():
+    from gptforge.train.optim import warmup_clipped_by_time, warmup_updates
+
+    cfg = OptimConfig(warmup_steps=10)
+    assert warmup_updates(cfg, None) == 10  # no known length: as configured
+    assert [warmup_updates(cfg, n) for n in (5, 9, 20, 21, 100)] == [2, 4, 10, 10, 10]  # whole updates
+    # A time budget cuts the warm-up only while updates are left in it, and from half the budget on.
+    cfg = OptimConfig(warmup_steps=1000)
+    assert warmup_clipped_by_time(998, 0.9, cfg) and not warmup_clipped_by_time(999, 0.9, cfg)
+    assert warmup_clipped_by_time(6, 0.5, cfg) and not warmup_clipped_by_time(6, 0.49, cfg)
+
+
+def test_the_time_schedule_after_its_warm_up_and_without_one():
+    from gptforge.train.optim import lr_at_time
+
+    for schedule in ("wsd", "cosine", "constant"):
+        cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, schedule=schedule, cooldown_fraction=0.25)
+        # Past the warm-up the ramp no longer scales anything (it would be 1.1 and 1.5 here).
+        assert lr_at_time(10, 0.0, cfg) == 1.0 and lr_at_time(14, 0.0, cfg) == 1.0
+        assert lr_at_time(100, 0.1, cfg) == pytest.approx({"wsd": 1.0, "constant": 1.0}.get(
+            schedule, 0.1 + 0.45 * (1 + math.cos(math.pi * 0.1))))
+        no_warmup = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=0, schedule=schedule, cooldown_fraction=0.25)
+        assert lr_at_time(0, 0.0, no_warmup) == 1.0  # the first update at the peak

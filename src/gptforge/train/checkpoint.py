@@ -105,7 +105,9 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
 
 def prune_step_checkpoints(run_dir: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` checkpoints/step-NNNNNNN directories."""
-    steps = sorted(d for d in (Path(run_dir) / CHECKPOINTS).glob("step-*") if STEP_DIR.match(d.name))
+    # By step number, not by name: step-10000000 (8 digits) is newer than step-9999999.
+    steps = sorted((d for d in (Path(run_dir) / CHECKPOINTS).glob("step-*") if STEP_DIR.match(d.name)),
+                   key=lambda d: int(STEP_DIR.match(d.name).group(1)))
     for d in steps[: max(0, len(steps) - keep_last)]:
         shutil.rmtree(d, ignore_errors=True)
 
