@@ -94,6 +94,30 @@ def test_char_known_facts_and_unknown_characters(shakespeare_text):
         char.encode("hello @ 👍 world")
 
 
+def test_char_errors_say_exactly_what_is_wrong():
+    """The unknown-character message lists the first ten (sorted), then "...", then what to do; an
+    empty text names itself (mutation-testing survivors: the count shown, the ellipsis, the advice)."""
+    char = CharTokenizer(list("abc"))
+    unknown = "".join(chr(ord("A") + i) for i in range(12))  # A..L, twelve unknown characters
+    with pytest.raises(GptforgeError) as e:
+        char.encode_to_array("ab" + unknown)
+    shown = ", ".join(repr(c) for c in unknown[:10])
+    assert str(e.value) == (f"text has 12 character(s) the char tokenizer does not know: {shown}, ...; build the "
+                            "tokenizer from text that contains them, or use the gpt2 or bpe tokenizer")
+    with pytest.raises(GptforgeError) as e:
+        char.encode_to_array("abZ")
+    assert str(e.value).startswith("text has 1 character(s) the char tokenizer does not know: 'Z'; build")
+    with pytest.raises(GptforgeError, match=r"^cannot build a char tokenizer from empty text$"):
+        CharTokenizer.from_text("")
+
+
+def test_byte_lengths_are_computed_once_and_read_only(shakespeare_text):
+    char = CharTokenizer.from_text(shakespeare_text + "é")
+    lengths = char.byte_lengths()
+    assert char.byte_lengths() is lengths and not lengths.flags.writeable
+    assert lengths.tolist() == [len(c.encode("utf-8")) for c in char.chars] and lengths.max() == 2
+
+
 def test_bpe_learns_merges_and_round_trips(bpe, shakespeare_text):
     # (The whole corpus, trained at full size, round-trips in test_prepare_cli's bpe test.)
     # Id 0 is reserved for <|endoftext|>, the document separator.
