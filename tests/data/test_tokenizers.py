@@ -104,6 +104,10 @@ def test_char_errors_say_exactly_what_is_wrong():
     shown = ", ".join(repr(c) for c in unknown[:10])
     assert str(e.value) == (f"text has 12 character(s) the char tokenizer does not know: {shown}, ...; build the "
                             "tokenizer from text that contains them, or use the gpt2 or bpe tokenizer")
+    for n, more in ((10, ""), (11, ", ...")):  # the ellipsis only past ten
+        with pytest.raises(GptforgeError) as e:
+            char.encode_to_array(unknown[:n])
+        assert f"{', '.join(repr(c) for c in unknown[:10])}{more}; build" in str(e.value)
     with pytest.raises(GptforgeError) as e:
         char.encode_to_array("abZ")
     assert str(e.value).startswith("text has 1 character(s) the char tokenizer does not know: 'Z'; build")
