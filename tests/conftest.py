@@ -6,6 +6,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 try:
@@ -168,3 +173,65 @@ class _Greedy:
 @pytest.fixture
 def greedy() -> _Greedy:
     return _Greedy()
+
+
+class _Serve:
+    """`gptforge serve` for the web and browser tests. `serve(run, *args)` starts it in a subprocess on
+    a free port and yields the port once the page answers, always stopping it after; `free_port()` and
+    `wait_until_it_answers(url)` serve an app launched in the test's own process. Time limits here only
+    turn a hang into a failure."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+
+    @staticmethod
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    @staticmethod
+    def wait_until_it_answers(url: str, alive=lambda: None) -> None:
+        """Poll `url` until it answers 200; alive() raises if the server died."""
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an http_proxy
+        give_up = time.monotonic() + 180
+        while True:
+            alive()
+            try:
+                with direct.open(url, timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            assert time.monotonic() < give_up, f"{url} did not answer"
+            time.sleep(0.3)
+
+    @contextlib.contextmanager
+    def __call__(self, run: Path, *args: str):
+        port = self.free_port()
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
+        with open(self.log_dir / "serve.log", "w+") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "gptforge", "serve", str(run), "--port", str(port),
+                                     "--device", "cpu", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+
+            def alive():
+                if proc.poll() is not None:
+                    log.seek(0)
+                    pytest.fail(f"gptforge serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
+
+            try:
+                self.wait_until_it_answers(f"http://127.0.0.1:{port}/", alive)
+                yield port
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+@pytest.fixture
+def serve(tmp_path) -> _Serve:
+    return _Serve(tmp_path)

@@ -7,11 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,49 +23,11 @@ pytestmark = [
                        "(apt-get install -y chromium); CI installs it"),
 ]
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def server(tiny_run, tmp_path):
-    """`gptforge serve` in a subprocess; yields its URL and always stops it."""
-    port = _free_port()
-    log = open(tmp_path / "serve.log", "w+")
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gptforge", "serve", str(tiny_run), "--port", str(port), "--device", "cpu",
-         "--max-new-tokens-limit", "80"],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
-    url = f"http://127.0.0.1:{port}/"
-    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an http_proxy
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"gptforge serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
-            try:
-                with direct.open(url, timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("gptforge serve did not answer within 120 s")
-            time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+def server(tiny_run, serve):
+    """`gptforge serve` in a subprocess (conftest's `serve`); yields its URL and always stops it."""
+    with serve(tiny_run, "--max-new-tokens-limit", "80") as port:
+        yield f"http://127.0.0.1:{port}/"
 
 
 def test_page_generates_text_and_shows_the_model_card(server, tiny_run):

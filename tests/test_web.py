@@ -4,15 +4,11 @@ exported folder must build its page offline, with its own copy of gptforge)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -99,33 +95,9 @@ def test_page_streams_clamped_generation(gen):
 
 # ----------------------------------------------------------------------------------------- serving
 
-REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_until_it_answers(url: str, alive=lambda: None) -> None:
-    """Poll `url` until it answers 200; alive() raises if the server died. The limit only turns a hang
-    into a failure."""
-    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an http_proxy
-    give_up = time.monotonic() + 180
-    while True:
-        alive()
-        try:
-            with direct.open(url, timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        assert time.monotonic() < give_up, f"{url} did not answer"
-        time.sleep(0.3)
-
-
-def test_concurrent_requests_are_queued_served_one_at_a_time_and_all_answered(tiny_run):
+def test_concurrent_requests_are_queued_served_one_at_a_time_and_all_answered(tiny_run, serve):
     """Six visitors press Generate at once on a served page: every one gets its own whole answer (the
     queue drops none) and the model runs one request at a time (they wait in line, not side by side)."""
     from gradio_client import Client
@@ -157,12 +129,12 @@ def test_concurrent_requests_are_queued_served_one_at_a_time_and_all_answered(ti
 
     gen.stream_batch = stream_batch
     demo = build_app(gen, max_new_tokens_limit=30)
-    port = _free_port()
+    port = serve.free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False,
                 show_error=True)
     try:
         url = f"http://127.0.0.1:{port}/"
-        _wait_until_it_answers(url)
+        serve.wait_until_it_answers(url)
         client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
         jobs = {ask: client.submit(ask[0], 30, 0.9, 0, 1.0, ask[1], 2, api_name="/generate") for ask in asks}
         answers = {ask: job.result(timeout=300) for ask, job in jobs.items()}
@@ -202,37 +174,10 @@ def _non_loopback_address() -> str | None:
     return None if addr.startswith("127.") or addr == "0.0.0.0" else addr
 
 
-@contextlib.contextmanager
-def _serve(tiny_run: Path, tmp_path: Path, *args: str):
-    """`gptforge serve` in a subprocess on a free port; yields the port once it answers, always stops it."""
-    port = _free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
-    with open(tmp_path / "serve.log", "w+") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "gptforge", "serve", str(tiny_run), "--port", str(port),
-                                 "--device", "cpu", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
-
-        def alive():
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"gptforge serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
-
-        try:
-            _wait_until_it_answers(f"http://127.0.0.1:{port}/", alive)
-            yield port
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def test_serve_listens_on_loopback_only_by_default(tiny_run, tmp_path):
+def test_serve_listens_on_loopback_only_by_default(tiny_run, serve):
     """Without --host the page is for this machine only: its one listening socket is bound to
     127.0.0.1 (not 0.0.0.0 or ::), and where the machine has another address, connecting there fails."""
-    with _serve(tiny_run, tmp_path) as port:
+    with serve(tiny_run) as port:
         if Path("/proc/net/tcp").is_file():
             assert _listening_addresses(port) == {"127.0.0.1"}
         other = _non_loopback_address()
