@@ -79,9 +79,10 @@ class ModelConfig:
                 raise GptforgeError(f"model.{name} = {v} is invalid; it must be a positive integer")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise GptforgeError(f"model.dropout = {self.dropout} is invalid; it must be in [0, 1)")
-        if self.activation is not None and self.activation not in ("gelu_tanh", "gelu"):
-            raise GptforgeError(f"model.activation = {self.activation!r} is unknown; choose \"gelu_tanh\" "
-                                "(GPT-2's) or \"gelu\" (exact)")
+        if self.activation is not None:
+            from gptforge.model import ACTIVATIONS
+
+            _choice("model.activation", self.activation, tuple(ACTIVATIONS))
         if self.n_head is not None and self.n_embd is not None and self.n_embd % self.n_head:
             raise GptforgeError(f"model.n_embd = {self.n_embd} is not divisible by model.n_head = {self.n_head}")
         if self.preset not in _model_presets() and self.preset != AUTO:
