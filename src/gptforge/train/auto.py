@@ -8,12 +8,13 @@ one ladder of shapes (RUNGS, small to large; each with its context, batch and Ad
 and one rule, derived from sweeps over budgets, corpora and tokenizers (docs/auto.md):
 
     climb the ladder while the next rung, at the speed measured for it on this machine, this
-    tokenizer and this precision, would still train on at least TOKENS_PER_PARAM tokens per
-    non-embedding parameter in the budget left; take the last rung that did.
+    tokenizer and this precision, would still train on enough tokens per non-embedding parameter
+    in the budget left: 1.5 for each million of its parameters (TOKENS_PER_PARAM_PER_MILLION), at
+    most Chinchilla's 20; take the last rung that did.
 
-A bigger model learns more per token but sees fewer tokens in a fixed time; on a 2-core CPU the
-sweet spot found by the sweeps sits near one token per parameter (far below Chinchilla's 20,
-which is for compute-optimal runs of billions of tokens). Each rung is measured for a few updates
+A bigger model learns more per token but sees fewer tokens in a fixed time. The side-by-side runs
+behind the rule put the switch from one rung to the next at a few tokens per parameter, and
+further out for bigger rungs (a2 is worth it from ~1 token per parameter, a3 not yet at 2.4). Each rung is measured for a few updates
 (its first, a warm-up, untimed), so its speed includes the per-step overheads that dominate small
 models and the LM head that dominates a large vocabulary; the measurement's seconds count in the
 budget. The recipe around the shape is the one the CPU recipes were tuned with: Muon on the blocks'
@@ -41,8 +42,12 @@ from gptforge.model import GPT, GPTConfig
 from gptforge.runtime import Runtime
 from gptforge.train.optim import configure_optimizer, set_lr
 
-# Training tokens per non-embedding parameter that the chosen rung must still reach in the budget.
-TOKENS_PER_PARAM = 0.5
+# Training tokens per non-embedding parameter a rung must still reach in the budget to be chosen grow with
+# its size: TOKENS_PER_PARAM_PER_MILLION for each million parameters (a2, 0.79M: 1.2; a3, 1.77M: 2.7),
+# never more than Chinchilla's 20. From side-by-side runs on an idle 2-core CPU (docs/auto.md): a2 lost to
+# a1 at 0.66 tokens/param (30 s) and beat it at 2.1 (90 s); a3 lost to a2 at 2.4 (10 minutes).
+TOKENS_PER_PARAM_PER_MILLION = 1.5
+MAX_TOKENS_PER_PARAM = 20.0
 # The measurement may take at most this fraction of the budget (it stops climbing when it is spent).
 MEASURE_FRACTION = 0.05
 # Of the budget left after measuring, the share expected to go to updates (evaluations take the rest).
@@ -155,7 +160,7 @@ def choose_for_budget(config: Config, data: Any, rt: Runtime, clock=time.perf_co
             m = _measure(rung, config, vocab, data, runtime_for(rung, config, rt), clock, t.max_time - spent,
                          rt.world_size, allowance)
             measured.append(m)
-            if m.tokens_per_param < TOKENS_PER_PARAM and i > 0:
+            if i > 0 and m.tokens_per_param < tokens_per_param_needed(m.params):
                 break  # too big for the budget: the previous rung it is
             index = i
     if rt.distributed:  # rank 0's choice for every rank
@@ -169,6 +174,11 @@ def choose_for_budget(config: Config, data: Any, rt: Runtime, clock=time.perf_co
     if runtime_for(rung, config, rt).dtype != rt.dtype:
         chosen_config.train.dtype = "float32"
     return AutoChoice(config=chosen_config, rung=rung, measured=measured, seconds=seconds, data=data)
+
+
+def tokens_per_param_needed(params: int) -> float:
+    """Training tokens per non-embedding parameter a rung of `params` must reach in the budget."""
+    return min(MAX_TOKENS_PER_PARAM, TOKENS_PER_PARAM_PER_MILLION * params / 1e6)
 
 
 def runtime_for(rung: Rung, config: Config, rt: Runtime) -> Runtime:
