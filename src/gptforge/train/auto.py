@@ -9,17 +9,17 @@ and one rule, derived from sweeps over budgets, corpora and tokenizers (docs/aut
 
     climb the ladder while the next rung, at the speed measured for it on this machine, this
     tokenizer and this precision, would still train on enough tokens per non-embedding parameter
-    in the budget left: 1.5 for each million of its parameters (TOKENS_PER_PARAM_PER_MILLION), at
+    in the budget left: 2 for each million of its parameters (TOKENS_PER_PARAM_PER_MILLION), at
     most Chinchilla's 20; take the last rung that did.
 
 A bigger model learns more per token but sees fewer tokens in a fixed time. The side-by-side runs
 behind the rule put the switch from one rung to the next at a few tokens per parameter, and
-further out for bigger rungs (a2 is worth it from ~1 token per parameter, a3 not yet at 2.4). Each rung is measured for a few updates
+further out for bigger rungs (a2 is worth it from ~2 tokens per parameter, a3 not yet at 2.8). Each rung is measured for a few updates
 (its first, a warm-up, untimed), so its speed includes the per-step overheads that dominate small
 models and the LM head that dominates a large vocabulary; the measurement's seconds count in the
 budget. The recipe around the shape is the one the CPU recipes were tuned with: Muon on the blocks'
 matrices, AdamW on the rest at an LR that scales as 1/width, a warmup-stable-decay schedule with a
-30% cool-down, dropout 0.1 once the run would see its training text more than twice, the exact GELU
+30% cool-down, dropout 0.1 once the run would see its training text more than DROPOUT_PASSES times, the exact GELU
 (model.activation = "gelu": cheaper than GPT-2's tanh form on a CPU), and float32
 for rungs up to 128 wide on a CPU where train.dtype = "auto" would pick bf16 (per-op overhead
 dominates there; bf16 gains nothing).
@@ -43,10 +43,10 @@ from gptforge.runtime import Runtime
 from gptforge.train.optim import configure_optimizer, set_lr
 
 # Training tokens per non-embedding parameter a rung must still reach in the budget to be chosen grow with
-# its size: TOKENS_PER_PARAM_PER_MILLION for each million parameters (a2, 0.79M: 1.2; a3, 1.77M: 2.7),
+# its size: TOKENS_PER_PARAM_PER_MILLION for each million parameters (a2, 0.79M: 1.6; a3, 1.77M: 3.5),
 # never more than Chinchilla's 20. From side-by-side runs on an idle 2-core CPU (docs/auto.md): a2 lost to
-# a1 at 0.66 tokens/param (30 s) and beat it at 2.1 (90 s); a3 lost to a2 at 2.4 (10 minutes).
-TOKENS_PER_PARAM_PER_MILLION = 1.5
+# a1 at 0.66 tokens/param (30 s) and beat it at 2.1 (90 s); a3 lost to a2 at 2.4 and at 2.8 (10 minutes).
+TOKENS_PER_PARAM_PER_MILLION = 2.0
 MAX_TOKENS_PER_PARAM = 20.0
 # The measurement may take at most this fraction of the budget (it stops climbing when it is spent).
 MEASURE_FRACTION = 0.05
@@ -56,6 +56,10 @@ TRAINING_SHARE = 0.93
 # overhead dominates and float32 is as fast or faster (the char recipes' finding), so auto trains those
 # rungs in float32.
 CPU_FLOAT32_WIDTH = 128
+# Dropout 0.1 once the run would see its training text more than this many times. Not sooner: a1 in 30 s
+# (2.3 passes) reached 1.933 with dropout 0.1 against 1.713 without, side by side (docs/auto.md): at
+# these sizes dropout costs half the speed (attention leaves the flash kernel) and the model underfits.
+DROPOUT_PASSES = 4
 # The exact GELU: the same quality as GPT-2's tanh form, several times cheaper on CPUs whose tanh kernel
 # is slow (the Intel Xeon of docs/benchmarks.md), no dearer elsewhere; Hugging Face's GPT-2 runs it too.
 ACTIVATION = "gelu"
@@ -170,7 +174,7 @@ def choose_for_budget(config: Config, data: Any, rt: Runtime, clock=time.perf_co
     chosen = next((m for m in measured if m.rung == rung), None)
     epochs = chosen.tokens / n_train if chosen else 0.0
     seconds = clock() - start
-    chosen_config = apply_rung(config, rung, dropout=0.1 if epochs > 2 else 0.0)
+    chosen_config = apply_rung(config, rung, dropout=0.1 if epochs > DROPOUT_PASSES else 0.0)
     if runtime_for(rung, config, rt).dtype != rt.dtype:
         chosen_config.train.dtype = "float32"
     return AutoChoice(config=chosen_config, rung=rung, measured=measured, seconds=seconds, data=data)
