@@ -1,11 +1,11 @@
-"""Muon against AdamW on the 30-s recipe's model and batch: characters per second of the whole training
+"""Muon against AdamW on the demo recipe's model and batch (nanoGPT's CPU shape): characters per second of the whole training
 step, alternating in one process, and a profile of one step of each.
 
     python benchmarks/optim_step.py                      # writes docs/benchmarks.md's bench:optim_step
     python benchmarks/optim_step.py --rounds 3 --steps 5 --no-write
     python benchmarks/optim_step.py --threads 1 --clock cpu  # on a shared machine: CPU seconds, one thread
 
-The model, batch and optimizer settings are configs/tinyshakespeare-char-30s.toml's (4 layers, 4 heads,
+The model, batch and optimizer settings are configs/tinyshakespeare-char.toml's (4 layers, 4 heads,
 128 wide, context 64, batch 32, float32; Tiny Shakespeare's 65 characters). Three optimizers, each with
 its own copy of the same initial model, take turns (a round of `--steps` steps each, `--rounds` times):
 - `adamw`: the recipe with optim.name = "adamw" (fused AdamW on every parameter);
@@ -36,7 +36,7 @@ from gptforge.config import load_config  # noqa: E402
 from gptforge.model import GPT, GPTConfig  # noqa: E402
 from gptforge.train.optim import MuonAdamW, configure_optimizer, muon_params  # noqa: E402
 
-RECIPE = REPO / "configs" / "tinyshakespeare-char-30s.toml"
+RECIPE = REPO / "configs" / "tinyshakespeare-char.toml"  # the 30-s recipe's model until 2026-11-30 (now a1)
 VOCAB = 65  # Tiny Shakespeare's characters
 
 
@@ -141,10 +141,10 @@ def main() -> None:
     chars = batch * block
     med = {n: statistics.median(times[n]) for n in names}
     best = {n: min(times[n]) for n in names}
-    lines = ["## Muon against AdamW on the 30-s recipe (CPU)", "",
+    lines = ["## Muon against AdamW on nanoGPT's CPU shape (CPU)", "",
              f"`python benchmarks/optim_step.py --rounds {args.rounds} --steps {args.steps}"
              + (f" --threads {args.threads}" if args.threads else "") + f" --clock {args.clock}`: "
-             "configs/tinyshakespeare-char-30s.toml's model and batch (4 layers, 128 wide, context 64, batch 32 = "
+             "configs/tinyshakespeare-char.toml's model and batch (4 layers, 128 wide, context 64, batch 32 = "
              f"{chars:,} characters per update, float32), the trainer's float32 step (forward, backward, clipping, "
              "the skip flag), three optimizers with the same initial model taking turns in one process "
              f"({args.rounds} rounds of {args.steps} steps each). `torch muon` is PyTorch's torch.optim.Muon in "
