@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -56,7 +57,9 @@ def test_pick_device_prefers_cuda_then_mps_then_cpu_and_names_what_is_missing(mo
         assert runs.pick_device("cpu") == torch.device("cpu")
         assert runs.pick_device("cuda") == torch.device("cuda") if cuda else refused("cuda") == no_cuda
         assert runs.pick_device("mps") == torch.device("mps") if mps else refused("mps") == no_mps
-    monkeypatch.delattr(torch.backends, "mps")  # a torch built without the MPS backend at all
+    # A torch built without the MPS backend at all (torch.backends is a module wrapper that would find a
+    # deleted attribute again, so it is replaced whole).
+    monkeypatch.setattr(torch, "backends", types.SimpleNamespace())
     assert runs.pick_device("auto") == torch.device("cpu") and refused("mps") == no_mps
     for bad in ("tpu", "CPU", "cuda:0", ""):
         assert refused(bad) == f"train.device = {bad!r} is invalid; allowed: 'auto', 'cpu', 'cuda', 'mps'"
