@@ -331,7 +331,7 @@ def test_the_readme_states_the_loss_chunk_size_the_model_uses():
 def test_kv_cache_buffers_follow_the_model_or_what_is_asked():
     m = _tiny()
     c = m.new_kv_cache(3, max_len=5)
-    assert c.k.shape == c.v.shape == (2, 3, 2, 5, 32) and c.max_len == 5 and c.pos == 0
+    assert c.k.shape == c.v.shape == (2, 3, 2, 5, 32) and c.max_len == 5 and c.pos == 0 and c.batch_size == 3
     assert c.k.dtype == c.v.dtype == torch.float32 and c.k.device.type == "cpu"
     c16 = m.new_kv_cache(1, dtype=torch.bfloat16, device="meta")  # asked for: another dtype and device
     assert c16.k.dtype == c16.v.dtype == torch.bfloat16 and c16.k.device.type == c16.v.device.type == "meta"
@@ -398,3 +398,117 @@ def test_the_first_block_sees_token_plus_position_embeddings():
         m(idx[:, 4:], kv_cache=cache)
     assert torch.equal(seen[0], wte[idx] + wpe[:9])
     assert torch.equal(seen[1], wte[idx[:, :4]] + wpe[:4]) and torch.equal(seen[2], wte[idx[:, 4:]] + wpe[4:9])
+
+
+def test_cached_chunks_of_every_length_after_a_one_token_prefill():
+    """Queries after cached keys see exactly keys 0..their own position: after a prefill of one token,
+    for chunks of one, two and more tokens (mutation survivors: `start > 1`, `T > 2`)."""
+    m = _tiny()
+    idx = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        full, _ = m(idx)
+        cache, parts, at = m.new_kv_cache(2), [], 0
+        for n in (1, 1, 2, 1, 3, 4):
+            parts.append(m(idx[:, at : at + n], kv_cache=cache)[0])
+            at += n
+    assert at == cache.pos == 12
+    assert (torch.cat(parts, dim=1) - full).abs().max().item() <= 1e-5
+
+
+def test_a_kv_cache_of_another_dtype_than_the_queries():
+    """The cache's keys and values are read back in the queries' dtype: a float32 cache under bf16
+    autocast (as the comment in CausalSelfAttention says), and a float32 cache asked for a bf16 model, whose
+    logits are then exactly those of the model's own bf16 cache (bf16 values survive a float32 store)."""
+    m = _tiny()
+    idx = torch.randint(0, 100, (2, 20), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            full, _ = m(idx)
+            cache = m.new_kv_cache(2)
+            parts = [m(idx[:, :8], kv_cache=cache)[0]] + [m(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(8, 20)]
+        assert cache.k.dtype == torch.float32
+        assert (torch.cat(parts, dim=1).float() - full.float()).abs().max().item() <= 2e-2 * full.abs().max().item()
+        m16 = m.to(torch.bfloat16)
+        logits = {}
+        for dtype in (torch.bfloat16, torch.float32):
+            cache = m16.new_kv_cache(2, dtype=dtype)
+            parts = [m16(idx[:, :8], kv_cache=cache)[0]] + [m16(idx[:, t : t + 1], kv_cache=cache)[0]
+                                                           for t in range(8, 20)]
+            logits[dtype] = torch.cat(parts, dim=1)
+    assert logits[torch.float32].dtype == torch.bfloat16
+    assert torch.equal(logits[torch.float32], logits[torch.bfloat16])
+
+
+def test_attention_dropout_falls_on_the_attention_weights_in_training():
+    """`dropout` drops attention weights as well as the residual outputs (GPT-2's attn_pdrop): with the
+    residual dropout held off, a training forward still differs from evaluation, and repeats with the seed."""
+    torch.manual_seed(0)
+    attn = GPT.from_preset("tiny", vocab_size=100, dropout=0.5).transformer.h[0].attn
+    x = torch.randn(2, 16, attn.n_embd, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        plain = attn.eval()(x)
+        attn.train()
+        attn.resid_dropout.eval()  # only the attention weights' dropout left
+        torch.manual_seed(1)
+        dropped = attn(x)
+        torch.manual_seed(1)
+        assert torch.equal(attn(x), dropped)
+    assert (dropped - plain).abs().max().item() > 1e-3
+
+
+def test_chunked_loss_with_one_valid_target_or_none():
+    """The mean is over the valid targets: with one, its gradient is that target's whole gradient; with
+    none, the loss is nan (as F.cross_entropy's) and the gradients are zero, not nan."""
+    g = torch.Generator().manual_seed(12)
+    x0, w0 = torch.randn(10, 16, generator=g), torch.randn(40, 16, generator=g)
+    t = torch.full((10,), -1)
+    t[4] = 17
+    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    loss = chunked_cross_entropy(x, w, t, 33, chunk=3)
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    ref = F.cross_entropy((x @ w.t())[:, :33], t, ignore_index=-1)
+    rx, rw = torch.autograd.grad(ref, (x, w))
+    assert abs(loss.item() - ref.item()) <= 1e-5
+    assert (gx - rx).abs().max().item() <= 1e-5 and (gw - rw).abs().max().item() <= 1e-5
+    none = chunked_cross_entropy(x, w, torch.full((10,), -1), 33, chunk=3)
+    gx, gw = torch.autograd.grad(none, (x, w))
+    assert none.isnan().item() and F.cross_entropy(x @ w.t(), torch.full((10,), -1), ignore_index=-1).isnan().item()
+    assert gx.abs().max().item() == gw.abs().max().item() == 0.0
+
+
+def test_bf16_weight_gradient_across_the_vocabulary_slices():
+    """grad_weight's bf16 products are summed a slice of 8,192 vocabulary rows at a time: the rows on
+    either side of each boundary (targets there) get their gradient, none is skipped or counted twice."""
+    g = torch.Generator().manual_seed(13)
+    vocab = 2 * 8192 + 10
+    x = torch.randn(64, 16, generator=g).requires_grad_()
+    w = torch.randn(vocab + 6, 16, generator=g).div_(4).requires_grad_()
+    edges = torch.tensor([0, 8191, 8192, 8193, 16383, 16384, 16385, vocab - 1])
+    t = edges.repeat(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_cross_entropy(x, w, t, vocab_size=vocab, chunk=32)
+        logits = (x @ w.t())[:, :vocab]
+    ref = F.cross_entropy(logits.float(), t)
+    (gw,) = torch.autograd.grad(loss, (w,))
+    (rw,) = torch.autograd.grad(ref, (w,))
+    for row in edges.tolist():
+        assert (gw[row] - rw[row]).abs().max().item() <= 2e-2 * rw[row].abs().max().item(), row
+    assert (gw - rw).abs().max().item() <= 2e-2 * rw.abs().max().item()
+
+
+def test_bf16_loss_of_each_row_keeps_float32_digits():
+    """Under bf16 each row's loss is max logit - log(max probability) - target logit, in float32 from the
+    bf16 logits: within a few thousandths of F.cross_entropy over those logits, where a bf16 log-softmax
+    rounds a loss near 10 to steps of 1/16."""
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(32, 16, generator=g)
+    w = 0.75 * torch.randn(1000, 16, generator=g)
+    t = torch.randint(0, 1000, (32,), generator=g)
+    ours, theirs = [], []
+    for i in range(32):  # one row at a time: its own loss, from the same bf16 logits on both sides
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours.append(chunked_cross_entropy(x[i : i + 1], w, t[i : i + 1], vocab_size=1000).item())
+            logits = x[i : i + 1] @ w.t()
+        theirs.append(F.cross_entropy(logits.float(), t[i : i + 1]).item())
+    assert 6 < sum(theirs) / 32 < 20  # losses where bf16 steps are 1/32 to 1/8
+    assert max(abs(a - b) for a, b in zip(ours, theirs, strict=True)) <= 6e-3  # log of a bf16 p: <= 2**-8

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -35,3 +36,30 @@ def test_load_model_picks_the_device_and_the_checkpoint(tiny_run):
     if not torch.cuda.is_available():
         with pytest.raises(GptforgeError, match="no CUDA GPU"):
             runs.pick_device("cuda")
+
+
+def test_pick_device_prefers_cuda_then_mps_then_cpu_and_names_what_is_missing(monkeypatch):
+    """`auto` picks cuda > mps > cpu; a device named outright must be there, else one line says so. One
+    machine has at most one of the accelerators, so torch's availability answers are set by hand here
+    (mutation-testing survivors: the CUDA and MPS branches)."""
+    no_cuda = "train.device = 'cuda' but torch sees no CUDA GPU; use train.device=auto or cpu"
+    no_mps = "train.device = 'mps' but MPS is not available; use train.device=auto or cpu"
+
+    def refused(preference: str) -> str:
+        with pytest.raises(GptforgeError) as e:
+            runs.pick_device(preference)
+        return str(e.value)
+
+    for cuda, mps, auto in ((True, True, "cuda"), (True, False, "cuda"), (False, True, "mps"), (False, False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda mps=mps: mps)
+        assert runs.pick_device() == runs.pick_device("auto") == torch.device(auto)
+        assert runs.pick_device("cpu") == torch.device("cpu")
+        assert runs.pick_device("cuda") == torch.device("cuda") if cuda else refused("cuda") == no_cuda
+        assert runs.pick_device("mps") == torch.device("mps") if mps else refused("mps") == no_mps
+    # A torch built without the MPS backend at all (torch.backends is a module wrapper that would find a
+    # deleted attribute again, so it is replaced whole).
+    monkeypatch.setattr(torch, "backends", types.SimpleNamespace())
+    assert runs.pick_device("auto") == torch.device("cpu") and refused("mps") == no_mps
+    for bad in ("tpu", "CPU", "cuda:0", ""):
+        assert refused(bad) == f"train.device = {bad!r} is invalid; allowed: 'auto', 'cpu', 'cuda', 'mps'"

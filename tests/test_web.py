@@ -220,3 +220,79 @@ def test_export_space_runs_offline_from_the_folder(tiny_run, tmp_path):
     assert exported.info["step"] == gptforge.load(tiny_run, device="cpu").info["step"]
     with pytest.raises(GptforgeError, match="not an empty directory"):
         export_space(tiny_run, out)
+
+
+# ----------------------------------------------------------------------------------------- bind checks
+# `serve` runs these before loading anything; the CLI tests see them only through a subprocess, which
+# mutmut cannot attribute (docs/testing.md), so they are called directly here too.
+
+
+def _bind_error(host: str, port: int) -> str:
+    from gptforge.web import _check_bind
+
+    with pytest.raises(GptforgeError) as e:
+        _check_bind(host, port)
+    return str(e.value)
+
+
+def test_check_bind_refuses_ports_out_of_range_and_unknown_hosts():
+    for port in (-1, 0, 65536):
+        assert _bind_error("127.0.0.1", port) == (f"--port {port} is not a TCP port; choose one in 1..65535 "
+                                                  "(default 7860)")
+    for port in (1, 65535):  # in range: bound, or refused for another reason (port 1 needs root)
+        try:
+            from gptforge.web import _check_bind
+
+            _check_bind("127.0.0.1", port)
+        except GptforgeError as e:
+            assert str(e).startswith(f"cannot serve on 127.0.0.1:{port} (")
+    # The resolver's own words (gaierror's strerror), or the codec's for a name that is not even a host name.
+    for host in ("no-such-host.invalid", "x" * 64 + ".example"):
+        try:
+            socket.getaddrinfo(host, 7860, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as e:
+            cause = getattr(e, "strerror", None) or str(e)
+        assert _bind_error(host, 7860) == (f"--host {host!r} is not an address ({cause}); give an address of "
+                                           "this machine, e.g. 127.0.0.1 or 0.0.0.0")
+    assert "label empty or too long" in cause
+
+
+def test_check_bind_refuses_a_port_in_use_and_accepts_one_a_stopped_server_just_left():
+    from gptforge.web import _check_bind
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server (uvicorn) sets it
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert _bind_error("127.0.0.1", port) == (f"cannot serve on 127.0.0.1:{port} (Address already in use); "
+                                                  "pick another --port or --host")
+        # A server that stops closes its side of a connection first: the port is left in TIME_WAIT,
+        # which a new server (SO_REUSEADDR on both) binds again, so the check must accept it too.
+        client = socket.create_connection(("127.0.0.1", port))
+        served, _ = listener.accept()
+        served.close()
+        client.recv(1)  # the server's close has arrived
+        client.close()
+    _check_bind("127.0.0.1", port)
+    _check_bind("127.0.0.1", port)  # the check's own socket was closed
+    _check_bind("::1" if socket.has_ipv6 and _has_ipv6_loopback() else "localhost", port)
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_check_limit():
+    from gptforge.web import _check_limit
+
+    _check_limit(1)
+    for bad in (0, -3):
+        with pytest.raises(GptforgeError) as e:
+            _check_limit(bad)
+        assert str(e.value) == f"--max-new-tokens-limit must be >= 1, got {bad}"

@@ -243,3 +243,49 @@ def test_a_saved_gpt2_tokenizer_carries_its_ranks_and_loads_offline(tmp_path, mo
     (tmp_path / "damaged" / "gpt2.tiktoken").write_bytes(ranks[:-100])
     with pytest.raises(GptforgeError, match="not GPT-2's BPE ranks file"):
         load_tokenizer(tmp_path / "damaged")
+
+
+# The tests below were added for mutants that survived `make mutate` (docs/testing.md).
+
+
+def test_load_errors_say_exactly_what_is_wrong(tmp_path):
+    """Each way a saved tokenizer can be missing or damaged is named in one line, with the way out."""
+    meta = tmp_path / "gptforge_tokenizer.json"
+
+    def error() -> str:
+        with pytest.raises(GptforgeError) as e:
+            load_tokenizer(tmp_path)
+        return str(e.value)
+
+    assert error() == f"{tmp_path} holds no saved tokenizer (gptforge_tokenizer.json is missing)"
+    for text, cause in (("{not json", "JSONDecodeError"), ("{}", "KeyError"), ("[]", "TypeError")):
+        meta.write_text(text, encoding="utf-8")
+        assert error() == f"{meta} is damaged ({cause}); prepare the data again"
+    for chars in ("", ', "chars": "abc"'):  # no list of characters, or a string instead of one
+        meta.write_text('{"spec": "char", "vocab_size": 3' + chars + "}", encoding="utf-8")
+        assert error() == f"{meta} has no character list; prepare the data again"
+    meta.write_text('{"spec": "wordpiece", "vocab_size": 3}', encoding="utf-8")
+    assert error() == f"{meta} names an unknown tokenizer 'wordpiece'; choose one of gpt2, char, bpe"
+    meta.write_text('{"spec": "char", "vocab_size": 4, "chars": ["a", "b", "c"]}', encoding="utf-8")
+    assert error() == f"{tmp_path} says vocabulary 4 but the tokenizer has 3; prepare the data again"
+    meta.write_text('{"spec": "bpe", "vocab_size": 300}', encoding="utf-8")
+    message = error()
+    assert message.startswith(f"cannot load {tmp_path / 'tokenizer.json'} (") and message.endswith(
+        "); prepare the data again")
+
+
+def test_save_makes_missing_directories_and_replaces_an_earlier_save(tmp_path, gpt2, bpe, shakespeare_text):
+    """`save(directory)` creates the directory and its parents, and saving again into it replaces the
+    files (a run re-prepared in place), leaving exactly the tokenizer's files and no temporary ones."""
+    char = build_tokenizer("char", shakespeare_text)
+    files = {"gpt2": ["gpt2.tiktoken", "gptforge_tokenizer.json"], "char": ["gptforge_tokenizer.json"],
+             "bpe": ["gptforge_tokenizer.json", "tokenizer.json"]}
+    sample = "ROMEO: Café 🙂\r\n<|endoftext|> x"
+    for tok in (gpt2, char, bpe):
+        d = tmp_path / "runs" / "new" / tok.spec  # no parent exists yet
+        tok.save(d)
+        tok.save(d)
+        assert sorted(p.name for p in d.iterdir()) == files[tok.spec]
+        loaded = load_tokenizer(d)
+        text = sample if tok.spec != "char" else "ROMEO: x"
+        assert loaded.encode(text) == tok.encode(text) and loaded.decode(tok.encode(text)) == text
