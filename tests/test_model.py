@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -455,6 +457,22 @@ def test_attention_dropout_falls_on_the_attention_weights_in_training():
         assert torch.equal(attn(x), dropped)
     assert (dropped - plain).abs().max().item() > 1e-3
 
+
+
+def test_attention_in_evaluation_is_causal_softmax_attention_written_out():
+    """Evaluation computes exactly softmax(q k^T / sqrt(hs)) v under a causal mask, head by head, with no
+    dropout however large the configured one (mutmut survivor: dropout_p 1.0 in eval mode; the cache and
+    chunked-loss tests compare the model with itself)."""
+    torch.manual_seed(0)
+    attn = GPT.from_preset("tiny", vocab_size=100, dropout=0.5).transformer.h[0].attn.eval()
+    B, T, C, H = 2, 7, attn.n_embd, attn.n_head
+    x = torch.randn(B, T, C, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in attn.c_attn(x).split(C, dim=2))
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(C // H)
+        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
+        torch.testing.assert_close(attn(x), attn.c_proj(y), atol=1e-5, rtol=1e-5)
 
 def test_chunked_loss_with_one_valid_target_or_none():
     """The mean is over the valid targets: with one, its gradient is that target's whole gradient; with
