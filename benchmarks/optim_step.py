@@ -1,5 +1,5 @@
-"""Muon against AdamW on the demo recipe's model and batch (nanoGPT's CPU shape): characters per second of the whole training
-step, alternating in one process, and a profile of one step of each.
+"""Muon against AdamW on the demo recipe's model and batch (nanoGPT's CPU shape): characters per
+second of the whole training step, alternating in one process, and a profile of one step of each.
 
     python benchmarks/optim_step.py                      # writes docs/benchmarks.md's bench:optim_step
     python benchmarks/optim_step.py --rounds 3 --steps 5 --no-write

@@ -458,7 +458,6 @@ def test_attention_dropout_falls_on_the_attention_weights_in_training():
     assert (dropped - plain).abs().max().item() > 1e-3
 
 
-
 def test_attention_in_evaluation_is_causal_softmax_attention_written_out():
     """Evaluation computes exactly softmax(q k^T / sqrt(hs)) v under a causal mask, head by head, with no
     dropout however large the configured one (mutmut survivor: dropout_p 1.0 in eval mode; the cache and
@@ -473,6 +472,7 @@ def test_attention_in_evaluation_is_causal_softmax_attention_written_out():
         scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
         y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
         torch.testing.assert_close(attn(x), attn.c_proj(y), atol=1e-5, rtol=1e-5)
+
 
 def test_chunked_loss_with_one_valid_target_or_none():
     """The mean is over the valid targets: with one, its gradient is that target's whole gradient; with

@@ -55,8 +55,8 @@ def test_pick_device_prefers_cuda_then_mps_then_cpu_and_names_what_is_missing(mo
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda mps=mps: mps)
         assert runs.pick_device() == runs.pick_device("auto") == torch.device(auto)
         assert runs.pick_device("cpu") == torch.device("cpu")
-        assert runs.pick_device("cuda") == torch.device("cuda") if cuda else refused("cuda") == no_cuda
-        assert runs.pick_device("mps") == torch.device("mps") if mps else refused("mps") == no_mps
+        assert (runs.pick_device("cuda") == torch.device("cuda")) if cuda else (refused("cuda") == no_cuda)
+        assert (runs.pick_device("mps") == torch.device("mps")) if mps else (refused("mps") == no_mps)
     # A torch built without the MPS backend at all (torch.backends is a module wrapper that would find a
     # deleted attribute again, so it is replaced whole).
     monkeypatch.setattr(torch, "backends", types.SimpleNamespace())

@@ -236,13 +236,13 @@ def _bind_error(host: str, port: int) -> str:
 
 
 def test_check_bind_refuses_ports_out_of_range_and_unknown_hosts():
+    from gptforge.web import _check_bind
+
     for port in (-1, 0, 65536):
         assert _bind_error("127.0.0.1", port) == (f"--port {port} is not a TCP port; choose one in 1..65535 "
                                                   "(default 7860)")
     for port in (1, 65535):  # in range: bound, or refused for another reason (port 1 needs root)
         try:
-            from gptforge.web import _check_bind
-
             _check_bind("127.0.0.1", port)
         except GptforgeError as e:
             assert str(e).startswith(f"cannot serve on 127.0.0.1:{port} (")

@@ -13,16 +13,16 @@ and one rule, derived from sweeps over budgets, corpora and tokenizers (docs/aut
     most Chinchilla's 20; take the last rung that did.
 
 A bigger model learns more per token but sees fewer tokens in a fixed time. The side-by-side runs
-behind the rule put the switch from one rung to the next at a few tokens per parameter, and
-further out for bigger rungs (a2 is worth it from ~2 tokens per parameter, a3 not yet at 2.8). Each rung is measured for a few updates
-(its first, a warm-up, untimed), so its speed includes the per-step overheads that dominate small
-models and the LM head that dominates a large vocabulary; the measurement's seconds count in the
-budget. The recipe around the shape is the one the CPU recipes were tuned with: Muon on the blocks'
-matrices, AdamW on the rest at an LR that scales as 1/width, a warmup-stable-decay schedule with a
-30% cool-down, dropout 0.1 once the run would see its training text more than DROPOUT_PASSES times, the exact GELU
-(model.activation = "gelu": cheaper than GPT-2's tanh form on a CPU), and float32
-for rungs up to 128 wide on a CPU where train.dtype = "auto" would pick bf16 (per-op overhead
-dominates there; bf16 gains nothing).
+behind the rule put the switch from one rung to the next at a few tokens per parameter, and further
+out for bigger rungs (a2 is worth it from ~1.6 tokens per parameter, a3 not yet at 2.8). Each rung is
+measured for a few updates (its first, a warm-up, untimed), so its speed includes the per-step
+overheads that dominate small models and the LM head that dominates a large vocabulary; the
+measurement's seconds count in the budget. The recipe around the shape is the one the CPU recipes
+were tuned with: Muon on the blocks' matrices, AdamW on the rest at an LR that scales as 1/width, a
+warmup-stable-decay schedule with a 30% cool-down, dropout 0.1 once the run would see its training
+text more than DROPOUT_PASSES times, the exact GELU (model.activation = "gelu": cheaper than GPT-2's
+tanh form on a CPU), and float32 for rungs up to 128 wide on a CPU where train.dtype = "auto" would
+pick bf16 (per-op overhead dominates there; bf16 gains nothing).
 """
 
 from __future__ import annotations
