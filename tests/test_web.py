@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from gptforge.errors import GptforgeError
+from gptforge.generate import Generator
 from gptforge.web import (
+    EXAMPLE_PROMPTS,
     NUM_SAMPLES_LIMIT,
     TOP_P_MIN,
     clamp_inputs,
@@ -91,6 +93,86 @@ def test_page_streams_clamped_generation(gen):
     assert all(len(t) == 12 for t in expected)  # 1000 tokens were asked for: clamped to the server's 12
     with pytest.raises(Exception, match="☃"):  # gr.Error, shown as a message on the page
         list(run("☃", 5, 1.0, 0, 1.0, 1, 1))
+
+
+def test_the_page_offers_every_control_with_its_label_range_and_default(gen):
+    """What a visitor sees: each control's label, range, step and default, the title and header, the
+    card, the example prompts, the loss plot, and one request at a time in a queue of 64. The browser
+    tests find the controls by these element ids."""
+    from gptforge.web import build_app, model_card_markdown
+
+    demo = build_app(gen, max_new_tokens_limit=300, num_samples_limit=3)
+    config = demo.get_config_file()
+    assert config["title"] == f"gptforge: {gen.run_dir.name}" and config["analytics_enabled"] is False
+    by_id = {c["props"]["elem_id"]: (c["type"], c["props"]) for c in config["components"] if c["props"].get("elem_id")}
+    want = {  # elem_id: type, label, minimum, maximum, value, step
+        "prompt": ("textbox", "Prompt", None, None, "ROMEO:", None),
+        "max-new-tokens": ("slider", "Max new tokens", 1, 300, 200, 1),
+        "temperature": ("slider", "Temperature (0 = greedy)", 0.0, 2.0, 0.8, 0.05),
+        "top-k": ("slider", "Top-k (0 = off)", 0, gen.vocab_limit, 0, 1),
+        "top-p": ("slider", "Top-p (1 = off)", TOP_P_MIN, 1.0, 1.0, 0.01),
+        "seed": ("number", "Seed (blank = random)", None, None, 1337, 1),
+        "num-samples": ("slider", "Samples", 1, 3, 1, 1),
+        "generate": ("button", None, None, None, "Generate", None),
+        "output": ("textbox", "Output", None, None, None, None),
+    }
+    for elem_id, (kind, label, lo, hi, value, step) in want.items():
+        got_kind, props = by_id[elem_id]
+        assert (got_kind, props.get("label"), props.get("minimum"), props.get("maximum"), props.get("value"),
+                props.get("step")) == (kind, label, lo, hi, value, step), elem_id
+    assert (by_id["prompt"][1]["lines"], by_id["output"][1]["lines"], by_id["output"][1]["max_lines"]) == (3, 14, 40)
+    assert by_id["output"][1]["interactive"] is False and by_id["seed"][1]["precision"] == 0
+    assert by_id["model-card"][1]["value"] == model_card_markdown(gen)
+    assert by_id["loss-plot"][0] == "image" and by_id["loss-plot"][1]["label"] == "Loss curves"
+    assert by_id["loss-plot"][1]["value"]["orig_name"] == "loss.png"
+    header = next(c["props"]["value"] for c in config["components"] if c["type"] == "markdown")
+    assert header == (f"# gptforge · {gen.run_dir.name}\nA GPT trained from scratch with gptforge. "
+                      "Type a prompt and press **Generate**.")
+    examples = next(c["props"] for c in config["components"] if c["type"] == "dataset")
+    assert examples["label"] == "Example prompts" and examples["samples"] == [[p] for p in EXAMPLE_PROMPTS]
+    scales = [c["props"]["scale"] for c in config["components"] if c["type"] == "column"]
+    assert scales == [3, 2]  # the controls left, the card and plot right
+    assert (demo._queue.default_concurrency_limit, demo._queue.max_size) == (1, 64)
+    assert [f.api_name for f in demo.fns.values() if f.name == "run"] == ["generate"]
+
+    # A model with no run directory (built in Python) has no plot, and a short vocabulary a shorter top-k.
+    bare = build_app(Generator(gen.model, gen.tokenizer, info=gen.info))
+    components = bare.get_config_file()["components"]
+    assert not [c for c in components if c["type"] == "image"]
+    assert next(c for c in components if c["props"].get("elem_id") == "max-new-tokens")["props"]["maximum"] == 500
+    # Limits of one (a slider needs two values): fixed numbers, not a crash.
+    one = {c["props"].get("elem_id"): c for c in build_app(gen, max_new_tokens_limit=1, num_samples_limit=1)
+           .get_config_file()["components"]}
+    for elem_id, label in (("max-new-tokens", "Max new tokens"), ("num-samples", "Samples")):
+        assert (one[elem_id]["type"], one[elem_id]["props"]["value"], one[elem_id]["props"]["label"],
+                one[elem_id]["props"]["interactive"]) == ("number", 1, label, False)
+
+
+def test_the_pages_generate_passes_every_setting_and_an_empty_prompt(gen):
+    from gptforge.web import build_app
+
+    run = next(f.fn for f in build_app(gen, max_new_tokens_limit=12, num_samples_limit=1).fns.values()
+               if f.name == "run")
+    out = list(run("ROMEO:", 5, 0.8, 0, 1.0, 7, 3))[-1]  # 3 samples asked for, the limit is 1
+    assert out == format_samples("ROMEO:", gen.generate("ROMEO:", max_new_tokens=5, temperature=0.8, seed=7))
+    out = list(run(None, 4, 0.0, 0, 1.0, 1, 1))[-1]  # an empty prompt box: generation from nothing
+    assert out == format_samples("", gen.generate("", max_new_tokens=4, temperature=0.0))
+    assert len(out) == 4
+
+
+def test_example_prompts_are_those_the_tokenizer_can_encode():
+    from types import SimpleNamespace
+
+    from gptforge.data.tokenizers import CharTokenizer
+    from gptforge.web import example_prompts
+
+    def with_chars(chars: str) -> list[str]:
+        return example_prompts(SimpleNamespace(tokenizer=CharTokenizer(chars)))
+
+    assert with_chars("".join(EXAMPLE_PROMPTS)) == list(EXAMPLE_PROMPTS)
+    # The first prompts' letters missing, the later ones still offered: one unknown prompt is skipped.
+    assert with_chars("KINGHERY:\nOncemor ") == ["KING HENRY:\nOnce more"]
+    assert with_chars("xyz") == [""]  # none encodes: the page starts from an empty prompt
 
 
 # ----------------------------------------------------------------------------------------- serving

@@ -205,6 +205,12 @@ def build_app(
         except GptforgeError as e:
             raise gr.Error(str(e)) from None
 
+    def count(limit: int, value: int, label: str, elem_id: str):
+        """A slider from 1 to `limit`; a limit of 1 leaves nothing to choose (and a slider needs two values)."""
+        if limit <= 1:
+            return gr.Number(value=1, precision=0, label=label, interactive=False, elem_id=elem_id)
+        return gr.Slider(1, limit, value=value, step=1, label=label, elem_id=elem_id)
+
     facts = model_facts(gen)
     loss_png = gen.run_dir / "loss.png" if gen.run_dir is not None else None
     with gr.Blocks(title=f"gptforge: {facts['run']}", analytics_enabled=False) as demo:
@@ -214,8 +220,8 @@ def build_app(
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label="Prompt", lines=3, value=example_prompts(gen)[0], elem_id="prompt")
                 with gr.Row():
-                    max_new = gr.Slider(1, max_new_tokens_limit, value=min(200, max_new_tokens_limit), step=1,
-                                        label="Max new tokens", elem_id="max-new-tokens")
+                    max_new = count(max_new_tokens_limit, min(200, max_new_tokens_limit), "Max new tokens",
+                                    "max-new-tokens")
                     temperature = gr.Slider(0.0, TEMPERATURE_MAX, value=0.8, step=0.05,
                                             label="Temperature (0 = greedy)", elem_id="temperature")
                 with gr.Row():
@@ -225,8 +231,7 @@ def build_app(
                                       elem_id="top-p")
                 with gr.Row():
                     seed = gr.Number(value=1337, precision=0, label="Seed (blank = random)", elem_id="seed")
-                    num_samples = gr.Slider(1, num_samples_limit, value=1, step=1, label="Samples",
-                                            elem_id="num-samples")
+                    num_samples = count(num_samples_limit, 1, "Samples", "num-samples")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 output = gr.Textbox(label="Output", lines=14, max_lines=40, interactive=False, elem_id="output")
                 gr.Examples(examples=[[p] for p in example_prompts(gen)], inputs=[prompt], label="Example prompts")
