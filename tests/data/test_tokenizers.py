@@ -289,3 +289,26 @@ def test_save_makes_missing_directories_and_replaces_an_earlier_save(tmp_path, g
         loaded = load_tokenizer(d)
         text = sample if tok.spec != "char" else "ROMEO: x"
         assert loaded.encode(text) == tok.encode(text) and loaded.decode(tok.encode(text)) == text
+
+
+def test_gpt2_ranks_errors_name_the_file_and_the_cause(tmp_path):
+    """A ranks file that cannot be read, or is not r50k_base's, is refused in one line naming it."""
+    missing = tmp_path / "gpt2.tiktoken"
+    with pytest.raises(GptforgeError) as e:
+        GPT2Tokenizer(missing)
+    assert str(e.value) == f"cannot read GPT-2's BPE ranks {missing} (FileNotFoundError)"
+    missing.write_bytes(b"aGVsbG8= 0\n")
+    with pytest.raises(GptforgeError) as e:
+        GPT2Tokenizer(missing)
+    assert str(e.value) == (f"{missing} is not GPT-2's BPE ranks file (its sha256 differs); replace it with "
+                            "r50k_base.tiktoken or delete it")
+
+
+def test_bpe_training_takes_the_vocabulary_size_asked_for_and_refuses_empty_text(shakespeare_text):
+    for size in (300, 700):
+        tok = BPETokenizer.train(shakespeare_text[:100_000], size)
+        assert tok.vocab_size == size
+        assert tok.decode(tok.encode(shakespeare_text[:500])) == shakespeare_text[:500]
+    with pytest.raises(GptforgeError) as e:
+        BPETokenizer.train("")
+    assert str(e.value) == "cannot train a bpe tokenizer on empty text"
