@@ -63,3 +63,23 @@ def test_pick_device_prefers_cuda_then_mps_then_cpu_and_names_what_is_missing(mo
     assert runs.pick_device("auto") == torch.device("cpu") and refused("mps") == no_mps
     for bad in ("tpu", "CPU", "cuda:0", ""):
         assert refused(bad) == f"train.device = {bad!r} is invalid; allowed: 'auto', 'cpu', 'cuda', 'mps'"
+
+
+def test_unwrap_takes_off_ddp_and_compile_wrappers_in_any_order(tmp_path):
+    """Checkpoints store the plain module: unwrap must see through DistributedDataParallel and
+    torch.compile's OptimizedModule, however they are nested (a one-process gloo group, no torchrun)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from gptforge.runs import unwrap
+
+    model = torch.nn.Linear(3, 2)
+    compiled = torch.compile(model)  # a wrapper only: nothing compiles until it is called
+    assert unwrap(model) is model and unwrap(compiled) is model and compiled is not model
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert unwrap(DDP(model)) is model
+        assert unwrap(DDP(torch.compile(model))) is model
+        assert unwrap(torch.compile(DDP(model))) is model
+    finally:
+        dist.destroy_process_group()

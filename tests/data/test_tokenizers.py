@@ -233,10 +233,12 @@ def test_a_saved_gpt2_tokenizer_carries_its_ranks_and_loads_offline(tmp_path, mo
     text = "Café 東京 🙂 <|endoftext|>\r\n  ROMEO:"
     assert loaded.encode(text) == gpt2.encode(text) and loaded.eot_id == 50256
 
-    # A run saved before the ranks were bundled still loads from the data directory, as it did.
+    # A run saved before the ranks were bundled still loads from the data directory, as it did. (A new
+    # directory: the encoding of a ranks file already read is cached by its path.)
     monkeypatch.setenv("GPTFORGE_DATA_DIR", str(data_dir))
-    (tmp_path / "tok" / "gpt2.tiktoken").unlink()
-    assert load_tokenizer(tmp_path / "tok").encode(text) == gpt2.encode(text)
+    gpt2.save(tmp_path / "legacy")
+    (tmp_path / "legacy" / "gpt2.tiktoken").unlink()
+    assert load_tokenizer(tmp_path / "legacy").encode(text) == gpt2.encode(text)
 
     # A damaged copy is refused in one line, never used.
     gpt2.save(tmp_path / "damaged")
@@ -312,3 +314,52 @@ def test_bpe_training_takes_the_vocabulary_size_asked_for_and_refuses_empty_text
     with pytest.raises(GptforgeError) as e:
         BPETokenizer.train("")
     assert str(e.value) == "cannot train a bpe tokenizer on empty text"
+
+
+def test_bpe_vocabulary_sizes_at_the_limits_and_the_default(shakespeare_text, bpe):
+    from gptforge.data.tokenizers import BPE_VOCAB_DEFAULT, check_bpe_vocab_size
+
+    assert (check_bpe_vocab_size(257), check_bpe_vocab_size(65536)) == (257, 65536)  # both ends allowed
+    assert bpe.vocab_size == 512  # the fixture's size, passed through build_tokenizer
+    assert build_tokenizer("bpe", shakespeare_text).vocab_size == BPE_VOCAB_DEFAULT == 4096
+    # A bad size is refused before anything asks for the text to train on.
+    with pytest.raises(GptforgeError, match="bpe vocabulary size 5 is out of range"):
+        build_tokenizer("bpe", None, vocab_size=5)
+
+
+def test_a_bpe_vocabulary_counts_its_added_tokens(bpe):
+    """Ids of tokens added after training (a tokenizer.json from elsewhere) are part of the vocabulary
+    the model must cover."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer.from_str(bpe.hf.to_str())
+    hf.add_special_tokens(["<|pad|>"])
+    tok = BPETokenizer(hf)
+    assert tok.vocab_size == bpe.vocab_size + 1 == hf.token_to_id("<|pad|>") + 1
+    assert tok.byte_lengths()[-1] == 0  # special: stands for no text
+
+
+def test_bpe_save_makes_missing_parent_directories(tmp_path, bpe):
+    d = tmp_path / "a" / "b" / "tokenizer"
+    bpe.save(d)
+    assert load_tokenizer(d).encode("ROMEO: hi") == bpe.encode("ROMEO: hi")
+
+
+def test_char_tokenizer_needs_single_characters():
+    for chars in ([], ["ab", "c"], ["a", ""]):
+        with pytest.raises(GptforgeError) as e:
+            CharTokenizer(chars)
+        assert str(e.value) == "a char tokenizer needs a non-empty list of single characters"
+
+
+def test_saved_metadata_names_the_tokenizer_and_a_char_save_makes_its_directories(tmp_path, gpt2, bpe):
+    char = CharTokenizer("ba\n")
+    d = tmp_path / "x" / "y" / "char"  # no parent exists yet
+    char.save(d)
+    meta = json.loads((d / "gptforge_tokenizer.json").read_text(encoding="utf-8"))
+    assert meta == {"spec": "char", "vocab_size": 3, "eot_id": None, "chars": ["\n", "a", "b"]}
+    for tok in (gpt2, bpe):
+        tok.save(tmp_path / tok.spec)
+        meta = json.loads((tmp_path / tok.spec / "gptforge_tokenizer.json").read_text(encoding="utf-8"))
+        assert meta == {"spec": tok.spec, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id}
+    assert (gpt2.eot_id, bpe.eot_id) == (50256, 0)

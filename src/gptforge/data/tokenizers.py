@@ -248,7 +248,6 @@ class CharTokenizer(Tokenizer):
             raise GptforgeError("a char tokenizer needs a non-empty list of single characters")
         self.vocab_size = len(self.chars)
         self.eot_id = None
-        self.stoi = {c: i for i, c in enumerate(self.chars)}
         self._codepoints = np.array([ord(c) for c in self.chars], dtype=np.int64)  # sorted
 
     @classmethod
