@@ -363,3 +363,15 @@ def test_saved_metadata_names_the_tokenizer_and_a_char_save_makes_its_directorie
         meta = json.loads((tmp_path / tok.spec / "gptforge_tokenizer.json").read_text(encoding="utf-8"))
         assert meta == {"spec": tok.spec, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id}
     assert (gpt2.eot_id, bpe.eot_id) == (50256, 0)
+
+
+def test_a_bpe_vocabulary_that_is_not_byte_level_cannot_count_bytes():
+    """Bits per byte need each token's bytes; a tokenizer.json whose tokens are not GPT-2's byte
+    alphabet (one made elsewhere) is refused by name rather than counted wrong."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    tok = BPETokenizer(HFTokenizer(models.BPE(vocab={"a": 0, "☃": 1}, merges=[])))
+    with pytest.raises(GptforgeError) as e:
+        tok.byte_lengths()
+    assert str(e.value) == "bpe token '☃' (id 1) is not byte-level; cannot count its bytes"
