@@ -84,10 +84,10 @@ class Rung:
 
 
 RUNGS: tuple[Rung, ...] = (
-    Rung("a1", 2, 2, 64, 64, 32),
-    Rung("a2", 4, 4, 128, 64, 32),      # nanoGPT's CPU shape: the 30-s and 90-s char recipes
+    Rung("a1", 2, 2, 64, 64, 32),       # the 30-s char recipe
+    Rung("a2", 4, 4, 128, 64, 32),      # nanoGPT's CPU shape: the demo (90-s) and 10-minute char recipes
     Rung("a3", 4, 6, 192, 128, 32),
-    Rung("a4", 6, 8, 256, 128, 32),     # the 10-minute char recipe
+    Rung("a4", 6, 8, 256, 128, 32),     # the 10-minute char recipe until 2026-11-30
     Rung("a5", 6, 6, 384, 256, 16),     # the `small` preset
     Rung("a6", 8, 8, 512, 256, 32),
     Rung("a7", 12, 12, 768, 512, 32),
