@@ -46,8 +46,9 @@ def save_model(ckpt_dir: str | Path, model: torch.nn.Module, info: dict[str, Any
     from safetensors.torch import save_model as st_save_model
 
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
     plain = unwrap(model)
+    config = _model_config_dict(plain)  # a caller's mistake: a TypeError, not a failed write
+    ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(ckpt_dir)
     try:
         if tmp.exists():
@@ -55,7 +56,7 @@ def save_model(ckpt_dir: str | Path, model: torch.nn.Module, info: dict[str, Any
         tmp.mkdir()
         # safetensors' save_model handles tied weights (the embedding shared with the LM head).
         st_save_model(plain, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / MODEL_CONFIG).write_text(json.dumps(_model_config_dict(plain), indent=2) + "\n", encoding="utf-8")
+        (tmp / MODEL_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / INFO).write_text(json.dumps(_plain(info), indent=2) + "\n", encoding="utf-8")
         if state is not None:
             torch.save(state, tmp / STATE)
