@@ -145,7 +145,32 @@ def test_the_page_offers_every_control_with_its_label_range_and_default(gen):
            .get_config_file()["components"]}
     for elem_id, label in (("max-new-tokens", "Max new tokens"), ("num-samples", "Samples")):
         assert (one[elem_id]["type"], one[elem_id]["props"]["value"], one[elem_id]["props"]["label"],
-                one[elem_id]["props"]["interactive"]) == ("number", 1, label, False)
+                one[elem_id]["props"]["interactive"], one[elem_id]["props"]["precision"]) == (
+                    "number", 1, label, False, 0)
+    two = {c["props"].get("elem_id"): c for c in build_app(gen, max_new_tokens_limit=2, num_samples_limit=2)
+           .get_config_file()["components"]}
+    for elem_id in ("max-new-tokens", "num-samples"):  # two values: a slider again
+        assert (two[elem_id]["type"], two[elem_id]["props"]["minimum"], two[elem_id]["props"]["maximum"]) == (
+            "slider", 1, 2)
+    assert by_id["generate"][1]["variant"] == "primary"
+
+
+def test_top_k_goes_to_200_at_most_and_the_page_needs_gradio(monkeypatch):
+    import sys
+
+    from gptforge.data.tokenizers import build_tokenizer
+    from gptforge.model import GPT, GPTConfig
+    from gptforge.web import build_app
+
+    tok = build_tokenizer("gpt2")  # 50,257 ids: the slider stops at 200
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_embd=8, block_size=8))
+    demo = build_app(Generator(model, tok))
+    top_k = next(c for c in demo.get_config_file()["components"] if c["props"].get("elem_id") == "top-k")
+    assert (top_k["props"]["minimum"], top_k["props"]["maximum"]) == (0, 200)
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if it were not installed
+    with pytest.raises(GptforgeError) as e:
+        build_app(Generator(model, tok))
+    assert str(e.value) == "the web page needs gradio; pip install 'gptforge[web]'"
 
 
 def test_the_pages_generate_passes_every_setting_and_an_empty_prompt(gen):
