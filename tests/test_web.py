@@ -124,6 +124,7 @@ def test_the_page_offers_every_control_with_its_label_range_and_default(gen):
     assert by_id["output"][1]["interactive"] is False and by_id["seed"][1]["precision"] == 0
     assert by_id["model-card"][1]["value"] == model_card_markdown(gen)
     assert by_id["loss-plot"][0] == "image" and by_id["loss-plot"][1]["label"] == "Loss curves"
+    assert by_id["loss-plot"][1]["interactive"] is False  # shown, not an upload box
     assert by_id["loss-plot"][1]["value"]["orig_name"] == "loss.png"
     header = next(c["props"]["value"] for c in config["components"] if c["type"] == "markdown")
     assert header == (f"# gptforge · {gen.run_dir.name}\nA GPT trained from scratch with gptforge. "
