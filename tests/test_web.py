@@ -81,6 +81,48 @@ def test_model_card_shows_the_runs_numbers(gen, tiny_run):
     assert f"| train bits per byte | {last_eval['train_bpb']:.4f} |" in card
 
 
+def test_model_facts_fall_back_to_the_metrics_log_for_older_runs(tmp_path):
+    """A checkpoint's info.json may lack the step, tokens or losses (runs from before they were
+    written): the card then takes them from metrics.jsonl, the evaluation at that step first, and
+    reads past a line a crash cut short."""
+    from gptforge.data.tokenizers import CharTokenizer
+    from gptforge.model import GPT, GPTConfig
+
+    records = [
+        {"kind": "train", "step": 10, "tokens": 100, "loss": 3.0},
+        {"kind": "eval", "step": 10, "tokens": 100, "train_loss": 2.9, "val_loss": 3.1},
+        {"kind": "sample", "step": 10, "text": "ab"},
+        {"kind": "train", "step": 20, "tokens": 200, "loss": 2.5},
+        {"kind": "eval", "step": 20, "tokens": 200, "train_loss": 2.4, "val_loss": 2.6, "val_bpb": 3.7},
+    ]
+    after_cut = [
+        {"kind": "eval", "step": 30, "tokens": 300, "train_loss": 2.1, "val_loss": 2.3},
+        {"kind": "train", "step": 35, "tokens": 350, "loss": 2.0},
+    ]
+    lines = [json.dumps(r) for r in records] + ['{"kind": "eval", "st'] + [json.dumps(r) for r in after_cut]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    model = GPT(GPTConfig(vocab_size=3, n_layer=1, n_head=1, n_embd=8, block_size=8))
+    tok = CharTokenizer("abc")
+
+    def facts(info: dict) -> tuple:
+        f = model_facts(Generator(model, tok, info=info, run_dir=tmp_path))
+        return f["run"], f["step"], f["tokens"], f["train_loss"], f["val_loss"], f["val_bpb"]
+
+    name = tmp_path.name
+    assert facts({}) == (name, 30, 300, 2.1, 2.3, None)  # the last evaluation, past the cut line
+    assert facts({"step": 20, "tokens": 12_345}) == (name, 20, 12_345, 2.4, 2.6, 3.7)  # the one at its step
+    # No evaluation at the checkpoint's step: its own losses, else the last evaluation's.
+    assert facts({"step": 25, "train_loss": 1.5}) == (name, 25, None, 1.5, 2.3, None)
+    assert facts({"step": 25}) == (name, 25, None, 2.1, 2.3, None)
+    # Only training records: the last one's step, tokens and loss.
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records + after_cut
+                                                      if r["kind"] == "train") + "\n", encoding="utf-8")
+    assert facts({}) == (name, 35, 350, 2.0, None, None)
+    # Built in Python: no run directory, no log.
+    f = model_facts(Generator(model, tok))
+    assert (f["run"], f["step"], f["tokens"], f["val_loss"]) == ("model", None, None, None)
+
+
 def test_page_streams_clamped_generation(gen):
     from gptforge.web import build_app
 

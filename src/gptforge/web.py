@@ -128,7 +128,7 @@ def model_facts(gen: Generator) -> dict[str, Any]:
         "tokenizer": gen.tokenizer.spec,
         "vocab_size": gen.tokenizer.vocab_size,
         "step": step,
-        "tokens": info.get("tokens", ev.get("tokens", train.get("tokens"))),
+        "tokens": info.get("tokens", ev.get("tokens", train.get("tokens") if train.get("step") == step else None)),
         "train_loss": ev.get("train_loss", info.get("train_loss", last_ev.get("train_loss", train.get("loss")))),
         "val_loss": ev.get("val_loss", info.get("val_loss", last_ev.get("val_loss"))),
         # Bits per byte only from the evaluation at this step (runs before they were logged have none).
