@@ -110,6 +110,24 @@ def test_model_facts_fall_back_to_the_metrics_log_for_older_runs(tmp_path):
 
     name = tmp_path.name
     assert facts({}) == (name, 30, 300, 2.1, 2.3, None)  # the last evaluation, past the cut line
+    assert model_card_markdown(Generator(model, tok, info={}, run_dir=tmp_path)) == "\n".join([
+        "### Model card",
+        f"| run | `{name}` |",
+        "|---|---|",
+        f"| parameters | {model.num_params():,} |",
+        "| shape | 1 layers, 1 heads, 8 wide |",
+        "| context | 8 tokens |",
+        "| tokenizer | char (3 ids) |",
+        "| steps | 30 |",
+        "| tokens seen | 300 |",
+        "| train loss | 2.1000 |",
+        "| val loss | 2.3000 |",
+        "| train bits per byte | n/a |",
+        "| val bits per byte | n/a |",
+        "",
+        "Losses are mean cross-entropy in nats per token; bits per byte are the same nats over the UTF-8 "
+        "bytes of the predicted tokens, / ln 2 (comparable across tokenizers).",
+    ])
     assert facts({"step": 20, "tokens": 12_345}) == (name, 20, 12_345, 2.4, 2.6, 3.7)  # the one at its step
     # No evaluation at the checkpoint's step: its own losses, else the last evaluation's.
     assert facts({"step": 25, "train_loss": 1.5}) == (name, 25, None, 1.5, 2.3, None)
@@ -118,6 +136,17 @@ def test_model_facts_fall_back_to_the_metrics_log_for_older_runs(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records + after_cut
                                                       if r["kind"] == "train") + "\n", encoding="utf-8")
     assert facts({}) == (name, 35, 350, 2.0, None, None)
+    # A run that trained to memorise evaluates the whole training split (train_loss_tokens): the card says so.
+    whole = {"kind": "eval", "step": 40, "tokens": 400, "train_loss": 0.05, "val_loss": 4.0,
+             "train_loss_tokens": 1_000, "train_bpb": 0.07, "val_bpb": 5.8}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(whole) + "\n", encoding="utf-8")
+    f = model_facts(Generator(model, tok, info={"step": 40}, run_dir=tmp_path))
+    assert (f["whole_train_split"], f["train_bpb"], f["val_bpb"]) == (True, 0.07, 5.8)
+    card = model_card_markdown(Generator(model, tok, info={"step": 40}, run_dir=tmp_path))
+    assert card.endswith("(comparable across tokenizers). The train loss is over the whole training split, which "
+                         "this run trained to memorise; the val loss is text it never saw.")
+    assert "| train bits per byte | 0.0700 |\n| val bits per byte | 5.8000 |" in card
+    assert not model_facts(Generator(model, tok, info={"step": 10}, run_dir=tmp_path))["whole_train_split"]
     # Built in Python: no run directory, no log.
     f = model_facts(Generator(model, tok))
     assert (f["run"], f["step"], f["tokens"], f["val_loss"]) == ("model", None, None, None)
