@@ -132,17 +132,19 @@ def test_model_facts_fall_back_to_the_metrics_log_for_older_runs(tmp_path):
     # No evaluation at the checkpoint's step: its own losses, else the last evaluation's.
     assert facts({"step": 25, "train_loss": 1.5}) == (name, 25, None, 1.5, 2.3, None)
     assert facts({"step": 25}) == (name, 25, None, 2.1, 2.3, None)
+    assert facts({"step": 25, "val_loss": 1.9}) == (name, 25, None, 2.1, 1.9, None)
     # Only training records: the last one's step, tokens and loss.
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records + after_cut
                                                       if r["kind"] == "train") + "\n", encoding="utf-8")
     assert facts({}) == (name, 35, 350, 2.0, None, None)
     # A run that trained to memorise evaluates the whole training split (train_loss_tokens): the card says so.
-    whole = {"kind": "eval", "step": 40, "tokens": 400, "train_loss": 0.05, "val_loss": 4.0,
+    whole = {"kind": "eval", "step": 4000, "tokens": 4_096_000, "train_loss": 0.05, "val_loss": 4.0,
              "train_loss_tokens": 1_000, "train_bpb": 0.07, "val_bpb": 5.8}
     (tmp_path / "metrics.jsonl").write_text(json.dumps(whole) + "\n", encoding="utf-8")
-    f = model_facts(Generator(model, tok, info={"step": 40}, run_dir=tmp_path))
+    f = model_facts(Generator(model, tok, info={"step": 4000}, run_dir=tmp_path))
     assert (f["whole_train_split"], f["train_bpb"], f["val_bpb"]) == (True, 0.07, 5.8)
-    card = model_card_markdown(Generator(model, tok, info={"step": 40}, run_dir=tmp_path))
+    card = model_card_markdown(Generator(model, tok, info={"step": 4000}, run_dir=tmp_path))
+    assert "| steps | 4,000 |\n| tokens seen | 4,096,000 |" in card
     assert card.endswith("(comparable across tokenizers). The train loss is over the whole training split, which "
                          "this run trained to memorise; the val loss is text it never saw.")
     assert "| train bits per byte | 0.0700 |\n| val bits per byte | 5.8000 |" in card

@@ -138,7 +138,7 @@ def model_facts(gen: Generator) -> dict[str, Any]:
     }
 
 
-def _fmt(x: Any, spec: str = "") -> str:
+def _fmt(x: Any, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
