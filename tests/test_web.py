@@ -403,6 +403,27 @@ def test_export_space_runs_offline_from_the_folder(tiny_run, tmp_path):
         export_space(tiny_run, out)
 
 
+def test_export_space_takes_the_checkpoint_asked_for_and_the_runs_files(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, run)
+    ckpts = run / "checkpoints"
+    shutil.rmtree(ckpts / "best")
+    shutil.copytree(ckpts / "step-0000060", ckpts / "best")  # a best checkpoint that is not the latest
+    out = export_space(run, tmp_path / "new" / "deeper" / "space", which="best")  # no parent exists yet
+    exported = out / run.name / "checkpoints" / "latest"
+    assert json.loads((exported / "info.json").read_text())["step"] == 60
+    assert (exported / "model.safetensors").read_bytes() == (ckpts / "step-0000060" / "model.safetensors").read_bytes()
+    assert "| steps | 60 |" in (out / "README.md").read_text(encoding="utf-8")  # the card of what is exported
+    for name in ("config.toml", "metrics.jsonl", "loss.png"):
+        assert (out / run.name / name).read_bytes() == (run / name).read_bytes()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert export_space(run, empty) == empty  # an existing empty folder is fine; the latest by default
+    assert json.loads((empty / run.name / "checkpoints" / "latest" / "info.json").read_text())["step"] == 120
+
+
 # ----------------------------------------------------------------------------------------- bind checks
 # `serve` runs these before loading anything; the CLI tests see them only through a subprocess, which
 # mutmut cannot attribute (docs/testing.md), so they are called directly here too.
