@@ -172,7 +172,7 @@ def test_the_page_offers_every_control_with_its_label_range_and_default(gen):
     """What a visitor sees: each control's label, range, step and default, the title and header, the
     card, the example prompts, the loss plot, and one request at a time in a queue of 64. The browser
     tests find the controls by these element ids."""
-    from gptforge.web import build_app, model_card_markdown
+    from gptforge.web import build_app
 
     demo = build_app(gen, max_new_tokens_limit=300, num_samples_limit=3)
     config = demo.get_config_file()

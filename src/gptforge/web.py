@@ -118,6 +118,7 @@ def model_facts(gen: Generator) -> dict[str, Any]:
     at_step = [e for e in evals if e.get("step") == step]
     ev = at_step[-1] if at_step else {}
     last_ev = evals[-1] if evals else {}
+    train_at_step = train if train.get("step") == step else {}  # the log's last record may be newer
     return {
         "run": gen.run_dir.name if gen.run_dir is not None else "model",
         "parameters": gen.model.num_params(),
@@ -128,7 +129,7 @@ def model_facts(gen: Generator) -> dict[str, Any]:
         "tokenizer": gen.tokenizer.spec,
         "vocab_size": gen.tokenizer.vocab_size,
         "step": step,
-        "tokens": info.get("tokens", ev.get("tokens", train.get("tokens") if train.get("step") == step else None)),
+        "tokens": info.get("tokens", ev.get("tokens", train_at_step.get("tokens"))),
         "train_loss": ev.get("train_loss", info.get("train_loss", last_ev.get("train_loss", train.get("loss")))),
         "val_loss": ev.get("val_loss", info.get("val_loss", last_ev.get("val_loss"))),
         # Bits per byte only from the evaluation at this step (runs before they were logged have none).
