@@ -281,13 +281,15 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
                     # The n target entries by flat index (scatter_add_ on 16-bit CPU tensors copies all n x Vp).
                     at = torch.arange(grad.size(0), device=grad.device) * grad.size(1) + t.squeeze(1)
                     flat = grad.view(-1)
+                    # index_fill_/index_copy_, not `flat[at] = 0`: indexed assignment of a Python number
+                    # copies it to the device first, a host synchronisation on CUDA every chunk.
                     if compute_dtype == torch.float32:
-                        flat[at] = flat[at] - 1
+                        flat.index_copy_(0, at, flat.index_select(0, at) - 1)
                     else:  # p_t - 1 as minus the sum of the other probabilities (a 16-bit p_t near 1, as in a
                         # well-trained model, leaves p_t - 1 with no correct digit, or 0); the 16-bit sum
                         # accumulates in float32 and rounds once, relative to 1 - p_t itself.
-                        flat[at] = 0
-                        flat[at] = -grad.sum(-1)
+                        flat.index_fill_(0, at, 0)
+                        flat.index_copy_(0, at, -grad.sum(-1))
                     # Ignored rows: zero their n x C inputs/outputs rather than their n x Vp gradient.
                     okf = ok.to(compute_dtype).unsqueeze(1)  # (n, 1)
                     grad_x[s : s + chunk] = (grad @ wc) * okf

@@ -11,9 +11,11 @@ about a minute on one GPU, most of it torch.compile.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -347,25 +349,42 @@ def test_resume_on_cuda_continues_with_the_same_losses(config, tmp_path):
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_updates_between_log_steps_never_wait_for_the_gpu(config, tmp_path, monkeypatch, optimizer):
-    """CUDA's sync debug mode turns any host synchronisation into an error: none happens inside an
-    update (train_step) or the non-finite watch, in bf16 with the fused AdamW (or batched Muon + fused
-    AdamW) and prefetched batches."""
+    """CUDA's sync debug mode reports every host synchronisation: none happens inside an update
+    (train_step) or the non-finite watch, in bf16 with the fused AdamW (or batched Muon + fused AdamW)
+    and prefetched batches. Mode "warn" rather than "error", so a failure names every place that
+    synchronises, not only the first."""
     from gptforge.train.trainer import Trainer, train
+
+    syncs: list[str] = []
+
+    @contextlib.contextmanager
+    def reported(where):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                syncs.extend(f"{where}: {w.filename}:{w.lineno}" for w in caught
+                             if "synchronizing" in str(w.message))
 
     def strict(method):
         real = getattr(Trainer, method)
 
         def wrapped(self, *a, **k):
-            torch.cuda.set_sync_debug_mode("error")
-            try:
+            with reported(method):
                 return real(self, *a, **k)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
 
         monkeypatch.setattr(Trainer, method, wrapped)
 
+    with reported("check"):  # the capture itself: a read-back is reported
+        torch.ones(1, device="cuda").item()
+    assert syncs and all(s.startswith("check: ") for s in syncs), "sync debug mode reported nothing"
+    syncs.clear()
     strict("train_step")
     strict("_watch_finite")
     result = train(config("train.dtype=bfloat16", "train.max_steps=12", "train.log_every=6",
                           "train.grad_accum_steps=2", f"optim.name={optimizer}"), tmp_path / "run")
     assert result.step == 12 and math.isfinite(result.train_loss)
+    assert not syncs, "host synchronisations inside an update:\n" + "\n".join(sorted(set(syncs)))
