@@ -63,9 +63,11 @@ def test_tiny_model_memorises_a_slice_through_stop_at_loss(tmp_path, slice_file)
     assert again["loss"] == pytest.approx(evals[-1]["train_loss"], abs=1e-4)
 
 
-# What a recipe reached: "Reached: validation loss 1.611", nanoGPT's "reached val 1.8857", or, for one that
+# What a recipe reached: "Reached: validation loss 1.611", nanoGPT's "reached val 1.8857", a memorisation
+# recipe's "Reached: whole-text training loss 0.0908", or, for one that
 # no session could run, "Reached: NOT RUN YET" (then with what is expected and why). "Expected" alone is no result.
-REACHED = re.compile(r"\breached:? (?:NOT RUN YET\b|validation loss \d+\.\d+|val \d+\.\d+)", re.IGNORECASE)
+REACHED = re.compile(r"\breached:? (?:NOT RUN YET\b|validation loss \d+\.\d+|val \d+\.\d+"
+                     r"|whole-text training loss \d+\.\d+)", re.IGNORECASE)
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.toml")))
@@ -83,5 +85,6 @@ def test_the_124m_recipes_are_the_classic_exercise_and_its_honest_twin():
     assert mem.data.val_fraction == 0 and mem.data.sampling == "sequential"
     assert mem.train.stop_metric == "train_full" and mem.train.stop_at_loss == pytest.approx(0.099999)
     assert mem.train.dtype == "bfloat16" and mem.train.compile
+    assert mem.optim.name == "muon" and mem.optim.schedule == "constant"  # what memorised it on the H200
     gen = load_config(CONFIGS / "gpt2-124m-shakespeare.toml")
     assert gen.model.preset == "gpt2" and gen.data.val_fraction > 0 and gen.train.stop_metric == "val"
