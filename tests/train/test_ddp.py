@@ -166,6 +166,7 @@ def test_a_time_budget_under_ddp_follows_one_clock_on_both_ranks(tiny_config, tm
 
 
 ONE_RANK_NAN = """
+import gc
 import sys
 import torch
 import torch.distributed as dist
@@ -192,6 +193,11 @@ flat = torch.cat([p.detach().flatten() for p in trainer.raw_model.parameters()])
 both = [torch.zeros_like(flat) for _ in range(2)]
 dist.all_gather(both, flat)
 print(f"rank {rank} changed={changed} same={torch.equal(both[0], both[1])}", flush=True)
+# Ends as the trainer's _finish does: together, and with DDP's hold on the process group dropped before
+# it is destroyed (else gloo could abort at interpreter shutdown).
+trainer.rt.barrier()
+trainer.model = None
+gc.collect()
 trainer.rt.close()
 """
 
