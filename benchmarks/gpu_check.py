@@ -502,8 +502,7 @@ def stage_exercise(ctx: Context) -> None:
         overrides = ["model.preset=tiny", "model.n_embd=128", "model.n_head=4", "model.block_size=64",
                      f"data.corpus={slice_file}", "data.tokenizer=char", "train.batch_size=8",
                      "train.dtype=float32", "train.compile=false", "train.device=cpu", "train.max_steps=1500",
-                     "train.eval_every=25", "train.log_every=5", "optim.lr=3e-3", "optim.min_lr=3e-4",
-                     "optim.warmup_steps=20"]
+                     "train.eval_every=25", "train.log_every=5", "optim.lr=3e-3", "optim.warmup_steps=20"]
     # Time after training for the exact evaluation and the samples (each a fresh process loading the model).
     after = 25.0 if ctx.dry_run else 50.0
     startup = 10.0 if ctx.dry_run else 40.0  # imports, tokenizing, building; final evaluation and checkpoint

@@ -37,7 +37,7 @@ def test_tiny_model_memorises_a_slice_through_stop_at_loss(tmp_path, slice_file)
         f"data.corpus={slice_file}", "data.tokenizer=char",
         "train.batch_size=8", "train.dtype=float32", "train.compile=false", "train.device=cpu",
         "train.max_steps=1500", "train.eval_every=25", "train.log_every=50", "train.checkpoint_every=10000",
-        "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=20",
+        "optim.lr=3e-3", "optim.warmup_steps=20",
     ])
     assert cfg.data.val_fraction == 0 and cfg.data.sampling == "sequential"
     assert cfg.train.stop_metric == "train_full" and cfg.train.stop_at_loss < TARGET

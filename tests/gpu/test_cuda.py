@@ -367,7 +367,7 @@ def test_updates_between_log_steps_never_wait_for_the_gpu(config, tmp_path, monk
             finally:
                 torch.cuda.set_sync_debug_mode("default")
                 syncs.extend(f"{where}: {w.filename}:{w.lineno}" for w in caught
-                             if "synchronizing" in str(w.message))
+                             if "called a synchronizing CUDA operation" in str(w.message))
 
     def strict(method):
         real = getattr(Trainer, method)
