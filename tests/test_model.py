@@ -274,18 +274,20 @@ def test_chunked_loss_makes_no_gradients_under_no_grad():
 
 @pytest.mark.parametrize("vocab", [100, 20_000])  # one slice of grad_weight's vocabulary, and three
 @pytest.mark.parametrize("scale", [1.0, 60.0])  # ordinary logits, and logits so large that most probabilities underflow
-def test_bf16_chunked_loss_matches_autocast_cross_entropy(scale, vocab):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])  # float16: GPUs without bf16, with a GradScaler
+def test_16bit_chunked_loss_matches_autocast_cross_entropy(scale, vocab, dtype):
     """The 16-bit path (softmax in the 16-bit kernel, log-sum-exp from the max probability) gives the
-    loss and gradients of F.cross_entropy over the same bf16 logits, to bf16 precision, and stays finite
-    where target probabilities underflow."""
+    loss and gradients of F.cross_entropy over the same 16-bit logits, to bf16 precision, and stays
+    finite where target probabilities underflow."""
     g = torch.Generator().manual_seed(3)
     x = (scale * torch.randn(300, 32, generator=g)).requires_grad_()
     w = torch.randn(vocab + 30, 32, generator=g).div_(32**0.5).requires_grad_()
     t = torch.randint(0, vocab, (300,), generator=g)
     t[:7] = -1
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         loss = chunked_cross_entropy(x, w, t, vocab_size=vocab, chunk=64)
-        logits = (x @ w.t())[:, :vocab]  # bf16, as autocast makes them
+        logits = (x @ w.t())[:, :vocab]  # 16-bit, as autocast makes them
+    assert logits.dtype == dtype
     ref = F.cross_entropy(logits.float(), t, ignore_index=-1)
     gx, gw = torch.autograd.grad(loss, (x, w))
     rx, rw = torch.autograd.grad(ref, (x, w))
