@@ -601,6 +601,10 @@ def summarise_metrics(path: Path) -> dict[str, Any]:
         mfus = [r["mfu"] for r in train[1:] if r.get("mfu")]
         if mfus:
             out["median_mfu"] = round(statistics.median(mfus), 4)
+    eval_seconds = [e["eval_s"] for e in evals if isinstance(e.get("eval_s"), (int, float))]
+    if eval_seconds:  # each whole-text evaluation (with the sample written beside it, if any)
+        out["median_eval_s"] = round(statistics.median(eval_seconds), 3)
+        out["n_evals"] = len(eval_seconds)
     compiled = next((e for e in events if e.get("event") == "compiled"), None)
     if compiled is not None and isinstance(compiled.get("seconds"), (int, float)):
         out["compile_s_reported"] = compiled["seconds"]
@@ -762,7 +766,9 @@ def _md_exercise(e: dict[str, Any] | None) -> list[str]:
               ("compile_s_reported", "compile seconds (the first update, timed apart by the trainer)"),
               ("training_s_with_compile", "training seconds with the compile step"),
               ("steady_s_per_update", "seconds per update (steady)"), ("median_tokens_per_s", "tokens/s (median)"),
-              ("median_mfu", "MFU (median)"), ("train_wall_s", "wall seconds of `gptforge train`"))
+              ("median_mfu", "MFU (median)"), ("n_evals", "whole-text evaluations"),
+              ("median_eval_s", "seconds per whole-text evaluation (median)"),
+              ("train_wall_s", "wall seconds of `gptforge train`"))
     out += ["| | |", "|---|---|"]
     for key, label in fields:
         if r.get(key) is not None:

@@ -181,10 +181,10 @@ def test_the_exercise_numbers_come_from_metrics_jsonl(tmp_path, gpu_check):
         {"kind": "train", "step": 1, "tokens": 100, "loss": 10.9, "elapsed_s": 0.0},
         {"kind": "train", "step": 10, "tokens": 1000, "loss": 5.0, "elapsed_s": 0.9, "tokens_per_s": 1000.0},
         {"kind": "train", "step": 20, "tokens": 2000, "loss": 0.6, "elapsed_s": 2.1, "tokens_per_s": 833.3},
-        {"kind": "eval", "step": 20, "tokens": 2000, "train_loss": 0.5, "train_loss_tokens": 999},
+        {"kind": "eval", "step": 20, "tokens": 2000, "train_loss": 0.5, "train_loss_tokens": 999, "eval_s": 0.4},
         {"kind": "train", "step": 30, "tokens": 3000, "loss": 0.1, "elapsed_s": 3.7, "tokens_per_s": 625.0,
          "epoch": 3},
-        {"kind": "eval", "step": 30, "tokens": 3000, "train_loss": 0.09, "train_loss_tokens": 999},
+        {"kind": "eval", "step": 30, "tokens": 3000, "train_loss": 0.09, "train_loss_tokens": 999, "eval_s": 0.6},
         {"kind": "event", "event": "stopped", "step": 30, "reason": "stop_at_loss", "metric": "train_loss",
          "value": 0.09, "target": 0.099999},
     ]
@@ -201,6 +201,7 @@ def test_the_exercise_numbers_come_from_metrics_jsonl(tmp_path, gpu_check):
     assert out["compile_s_reported"] == 29.9 and out["training_s"] == 3.7
     assert out["training_s_with_compile"] == pytest.approx(33.6)
     assert out["median_tokens_per_s"] == 833
+    assert out["n_evals"] == 2 and out["median_eval_s"] == pytest.approx(0.5)
 
 
 def test_stage_and_timeout_options(gpu_check):

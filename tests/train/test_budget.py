@@ -144,3 +144,24 @@ def test_a_step_run_logs_a_clipped_warm_up(tiny_config, tmp_path, read_metrics):
     clipped = [e for e in read_metrics(run, "event") if e["event"] == "warmup_clipped"]
     assert len(clipped) == 1 and (clipped[0]["warmup_steps"], clipped[0]["asked"]) == (4, 50)
     assert read_metrics(run, "train")[3]["lr"] == pytest.approx(3e-3)  # the peak, at update 4
+
+
+def test_each_evaluation_logs_its_seconds_and_the_clock_counts_them(tiny_config, tmp_path, read_metrics,
+                                                                    monkeypatch):
+    """An evaluation record carries eval_s, the seconds it took; the training clock (elapsed_s) runs on
+    through it, so the next evaluation's clock is 10 updates and one evaluation later."""
+    clock = FakeClock()
+    _timed_steps(monkeypatch, clock, lambda t: 0.125)
+    real_evaluate = Trainer.evaluate
+
+    def evaluate(self):
+        out = real_evaluate(self)
+        clock.now += 0.75
+        return out
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    train(tiny_config("train.max_steps=30", "train.eval_every=10"), tmp_path / "run", clock=clock)
+    evals = read_metrics(tmp_path / "run", "eval")
+    assert [e["step"] for e in evals] == [10, 20, 30]
+    assert [e["eval_s"] for e in evals] == [0.75, 0.75, 0.75]
+    assert evals[1]["elapsed_s"] - evals[0]["elapsed_s"] == pytest.approx(10 * 0.125 + 0.75)

@@ -410,8 +410,10 @@ class Trainer(_ReadBack, _BudgetClock, _TrainState, _RunData, _Report):
 
     def _evaluate_and_maybe_stop(self, final: bool = False) -> str | None:
         t = self.config.train
+        started = self.clock()
         record = self.evaluate()
         record["elapsed_s"] = round(self.elapsed, 3)  # the training clock when this evaluation began
+        record["eval_s"] = round(self.clock() - started, 3)  # what it took (the training clock counts it)
         self.last_eval_step = self.step
         self.last_val_loss = record.get("val_loss", self.last_val_loss)
         self.last_eval_train_loss = record.get("train_loss", self.last_eval_train_loss)
