@@ -15,6 +15,7 @@ from gptforge.train.trainer import Trainer, train
 BUDGET = 10.0
 MIN_LR = 3e-4
 REAL_STEP = Trainer.train_step
+REAL_EVALUATE = Trainer.evaluate
 
 
 class FakeClock:
@@ -38,6 +39,16 @@ def _timed_steps(monkeypatch, clock: FakeClock, seconds, kill_at: int | None = N
         return out
 
     monkeypatch.setattr(Trainer, "train_step", step)
+
+
+def _timed_evaluations(monkeypatch, clock: FakeClock, seconds: float):
+    """Each evaluation advances `clock` by `seconds` after it has run."""
+    def evaluate(self):
+        out = REAL_EVALUATE(self)
+        clock.now += seconds
+        return out
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
 
 
 def _budget_config(tiny_config, *extra):
@@ -96,14 +107,7 @@ def test_a_killed_and_resumed_run_ends_on_the_budget(tiny_config, tmp_path, read
     the budget with the LR at its floor."""
     clock = FakeClock()
     _timed_steps(monkeypatch, clock, lambda t: 0.125, kill_at=43)
-    real_evaluate = Trainer.evaluate
-
-    def evaluate_half_a_second(self):
-        out = real_evaluate(self)
-        clock.now += 0.5
-        return out
-
-    monkeypatch.setattr(Trainer, "evaluate", evaluate_half_a_second)
+    _timed_evaluations(monkeypatch, clock, 0.5)
     run = tmp_path / "run"
     cfg = _budget_config(tiny_config, "train.checkpoint_every=10", "train.eval_every=20")
     with pytest.raises(RuntimeError, match="killed"):
@@ -114,7 +118,7 @@ def test_a_killed_and_resumed_run_ends_on_the_budget(tiny_config, tmp_path, read
 
     resumed_clock = FakeClock(start=5_000.0)
     _timed_steps(monkeypatch, resumed_clock, lambda t: 0.125)
-    monkeypatch.setattr(Trainer, "evaluate", real_evaluate)
+    monkeypatch.setattr(Trainer, "evaluate", REAL_EVALUATE)
     result = train(resume_config(run), run, resume=True, clock=resumed_clock)
     assert result.stopped_by == "max_time"
     records = _check_ends_on_budget(run, read_metrics, 0.125)
@@ -152,14 +156,7 @@ def test_each_evaluation_logs_its_seconds_and_the_clock_counts_them(tiny_config,
     through it, so the next evaluation's clock is 10 updates and one evaluation later."""
     clock = FakeClock()
     _timed_steps(monkeypatch, clock, lambda t: 0.125)
-    real_evaluate = Trainer.evaluate
-
-    def evaluate(self):
-        out = real_evaluate(self)
-        clock.now += 0.75
-        return out
-
-    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    _timed_evaluations(monkeypatch, clock, 0.75)
     train(tiny_config("train.max_steps=30", "train.eval_every=10"), tmp_path / "run", clock=clock)
     evals = read_metrics(tmp_path / "run", "eval")
     assert [e["step"] for e in evals] == [10, 20, 30]
