@@ -75,6 +75,7 @@ def test_int_given_for_a_float_field_becomes_a_float():
     (["trian.max_steps=1"], r"unknown config section 'trian'"),
     (["train.max_steps"], r"not of the form section.key=value"),
     (["model.dropout=1.5"], r"model.dropout = 1.5 is invalid; it must be in \[0, 1\)"),
+    (["model.attn_dropout=-0.1"], r"model.attn_dropout = -0.1 is invalid; it must be in \[0, 1\)"),
     (["model.activation=relu"], r"model.activation = 'relu' is invalid; allowed: 'gelu_tanh', 'gelu'"),
     (["model.preset=huge"], r"model.preset = 'huge' is unknown; choose one of"),
     (["optim.lr=0"], r"optim.lr = 0.0 is invalid"),

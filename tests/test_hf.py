@@ -403,6 +403,16 @@ def test_hf_parity_both_ways(shape, tmp_path, greedy):
         assert greedy.full(lambda ids: hf2(ids).logits, prompt, 12) == greedy.cached(mine, prompt, 12)
 
 
+@pytest.mark.parametrize("attn_dropout, attn_pdrop", [(None, 0.2), (0.0, 0.0)])
+def test_export_writes_the_attention_dropout_apart(tmp_path, attn_dropout, attn_pdrop):
+    """Hugging Face's GPT-2 has one rate per place (embd_pdrop, attn_pdrop, resid_pdrop): attn_dropout
+    goes to attn_pdrop, `dropout` to the other two, and transformers reads them back."""
+    m = GPT(GPTConfig(1, 2, 32, 16, 50, dropout=0.2, attn_dropout=attn_dropout))
+    save_pretrained(m, tmp_path)
+    cfg = transformers.GPT2Config.from_pretrained(tmp_path)
+    assert (cfg.embd_pdrop, cfg.attn_pdrop, cfg.resid_pdrop) == (0.2, attn_pdrop, 0.2)
+
+
 def test_export_without_biases_loads_in_hf(tmp_path):
     torch.manual_seed(0)
     m = GPT(GPTConfig(2, 2, 32, 16, 50, bias=False)).eval()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gptforge.errors import GptforgeError
-from gptforge.model import GPT, PRESETS, GPTConfig, chunked_cross_entropy
+from gptforge.model import GPT, PRESETS, Dropout, GPTConfig, chunked_cross_entropy
 
 # ------------------------------------------------------------------------------------ config
 
@@ -24,6 +24,8 @@ from gptforge.model import GPT, PRESETS, GPTConfig, chunked_cross_entropy
         (dict(vocab_size=0), "vocab_size"),
         (dict(dropout=1.0), "dropout"),
         (dict(dropout=-0.1), "dropout"),
+        (dict(attn_dropout=1.0), "attn_dropout"),
+        (dict(attn_dropout=True), "attn_dropout"),
         (dict(bias="yes"), "bias"),
         (dict(tie_embeddings=1), "tie_embeddings"),
         (dict(pad_vocab_multiple=0), "pad_vocab_multiple"),
@@ -458,6 +460,62 @@ def test_attention_dropout_falls_on_the_attention_weights_in_training():
         torch.manual_seed(1)
         assert torch.equal(attn(x), dropped)
     assert (dropped - plain).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("attn_dropout, attention_dropped", [(None, True), (0.0, False), (0.5, True)])
+def test_attn_dropout_sets_the_attention_weights_rate_apart_from_dropout(attn_dropout, attention_dropped):
+    """attn_dropout=None drops the attention weights at `dropout`'s rate (GPT-2's); 0 drops none of them
+    while the residual dropout stays on; a rate of its own applies with `dropout` itself 0."""
+    dropout = 0.0 if attn_dropout == 0.5 else 0.5
+    config = GPTConfig.from_preset("tiny", vocab_size=100, dropout=dropout, attn_dropout=attn_dropout)
+    assert config.attn_dropout_p == (dropout if attn_dropout is None else attn_dropout)
+    torch.manual_seed(0)
+    attn = GPT(config).transformer.h[0].attn
+    assert attn.resid_dropout.p == dropout
+    x = torch.randn(2, 16, attn.n_embd, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        plain = attn.eval()(x)
+        attn.train()
+        attn.resid_dropout.eval()  # only the attention weights' dropout left
+        trained = attn(x)
+    assert ((trained - plain).abs().max().item() > 1e-3) == attention_dropped
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_cpu_dropout_drops_its_rate_at_every_position_and_keeps_the_expectation(p):
+    """The CPU mask takes three 16-bit lanes of each 64-bit draw: every lane (position mod 3) and every
+    position mod 4 (a fourth lane would never drop) loses p of its elements, the kept ones are scaled so
+    the mean stays 1, and the gradient is the same mask and scale."""
+    torch.manual_seed(0)
+    n = 600_001  # not a multiple of 3: the last draw's spare lanes are cut off
+    x = torch.ones(n, requires_grad=True)
+    y = Dropout(p).train()(x)
+    rate = round(p * 65536) / 65536
+    kept = y != 0
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert torch.all(y[kept] == 65536 / (65536 - round(p * 65536)))
+    for lanes in (3, 4):
+        for lane in range(lanes):
+            dropped = 1 - kept[lane::lanes].double().mean().item()
+            sigma = math.sqrt(rate * (1 - rate) / (n / lanes))
+            assert abs(dropped - rate) < 5 * sigma, (lanes, lane, dropped)
+    assert abs(y.double().mean().item() - 1) < 5 * math.sqrt(rate / (1 - rate) / n)
+    neighbours = torch.corrcoef(torch.stack([kept[:-1].double(), kept[1:].double()]))[0, 1].item()
+    assert abs(neighbours) < 0.01
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())
+
+
+def test_cpu_dropout_follows_torchs_seed_and_is_off_in_eval_and_at_zero():
+    x = torch.randn(4, 33, 7, dtype=torch.bfloat16)
+    d = Dropout(0.2).train()
+    torch.manual_seed(5)
+    a = d(x)
+    torch.manual_seed(5)
+    assert torch.equal(d(x), a) and a.dtype == torch.bfloat16
+    assert not torch.equal(d(x), a)  # the generator moved on
+    assert torch.equal(d.eval()(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)
 
 
 def test_attention_in_evaluation_is_causal_softmax_attention_written_out():

@@ -50,6 +50,8 @@ class ModelConfig:
     """Context length in tokens (default: the preset's)."""
     dropout: float | None = None
     """Dropout probability during training, 0 <= p < 1 (default: the preset's)."""
+    attn_dropout: float | None = None
+    """Dropout on the attention weights alone, 0 <= p < 1 (default: `dropout`'s). 0 keeps a CPU's attention in its fast fused kernel, which has no dropout."""
     bias: bool | None = None
     """Biases in linear layers and LayerNorms (default: the preset's)."""
     tie_embeddings: bool | None = None
@@ -79,6 +81,8 @@ class ModelConfig:
                 raise GptforgeError(f"model.{name} = {v} is invalid; it must be a positive integer")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise GptforgeError(f"model.dropout = {self.dropout} is invalid; it must be in [0, 1)")
+        if self.attn_dropout is not None and not 0.0 <= self.attn_dropout < 1.0:
+            raise GptforgeError(f"model.attn_dropout = {self.attn_dropout} is invalid; it must be in [0, 1)")
         if self.activation is not None:
             from gptforge.model import ACTIVATIONS
 

@@ -54,7 +54,7 @@ def load_pretrained(name_or_dir: str | Path, **overrides: Any) -> GPT:
         load_pretrained("hf-gpt2/")                 # config.json + model.safetensors (or pytorch_model.bin)
         load_pretrained("gpt2", dropout=0.1)        # a Hub name, downloaded when online
 
-    Overrides may set `dropout`, `pad_vocab_multiple` or a smaller `block_size` (the position
+    Overrides may set `dropout`, `attn_dropout`, `pad_vocab_multiple` or a smaller `block_size` (the position
     embeddings are cropped). Weights are read with safetensors or torch.load(weights_only=True):
     loading never runs pickled code.
     """
@@ -220,7 +220,7 @@ def _config_from_hf(hf: dict[str, Any], directory: Path, overrides: dict[str, An
     eps = hf.get("layer_norm_epsilon", 1e-5)
     if abs(eps - 1e-5) > 1e-12:
         raise GptforgeError(f"{directory}: layer_norm_epsilon {eps} differs from GPT-2's 1e-5; not supported")
-    allowed = {"dropout", "pad_vocab_multiple", "block_size"}
+    allowed = {"dropout", "attn_dropout", "pad_vocab_multiple", "block_size"}
     bad = sorted(set(overrides) - allowed)
     if bad:
         raise GptforgeError(
@@ -260,7 +260,7 @@ def _config_to_hf(c: GPTConfig) -> dict[str, Any]:
         "layer_norm_epsilon": 1e-5,
         "initializer_range": 0.02,
         "embd_pdrop": c.dropout,
-        "attn_pdrop": c.dropout,
+        "attn_pdrop": c.attn_dropout_p,
         "resid_pdrop": c.dropout,
         "tie_word_embeddings": c.tie_embeddings,
         "torch_dtype": "float32",

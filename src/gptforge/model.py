@@ -17,6 +17,7 @@ embedding.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -48,6 +49,9 @@ class GPTConfig:
     """Number of token ids the tokenizer produces (GPT-2's BPE: 50,257)."""
     dropout: float = 0.0
     """Dropout on embeddings, attention weights and residual paths, in [0, 1); off in eval mode."""
+    attn_dropout: float | None = None
+    """Dropout on the attention weights alone, in [0, 1); None: `dropout`. 0 keeps a CPU's attention in
+    the fused (flash) kernel, which has no dropout: with it, attention takes a slower path."""
     bias: bool = True
     """Biases in the Linear layers and LayerNorms (GPT-2 has them)."""
     tie_embeddings: bool = True
@@ -69,6 +73,12 @@ class GPTConfig:
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise GptforgeError(f"GPTConfig.dropout={self.dropout!r} is invalid; it must be a number in [0, 1)")
         self.dropout = float(self.dropout)
+        if self.attn_dropout is not None:
+            if (isinstance(self.attn_dropout, bool) or not isinstance(self.attn_dropout, (int, float))
+                    or not 0 <= self.attn_dropout < 1):
+                raise GptforgeError(f"GPTConfig.attn_dropout={self.attn_dropout!r} is invalid; "
+                                    "it must be a number in [0, 1), or None for `dropout`'s")
+            self.attn_dropout = float(self.attn_dropout)
         for name in ("bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise GptforgeError(f"GPTConfig.{name}={getattr(self, name)!r} is invalid; it must be true or false")
@@ -80,6 +90,11 @@ class GPTConfig:
     def padded_vocab_size(self) -> int:
         m = self.pad_vocab_multiple
         return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def attn_dropout_p(self) -> float:
+        """The attention weights' dropout: `attn_dropout`, or `dropout` when that is None."""
+        return self.dropout if self.attn_dropout is None else self.attn_dropout
 
     @property
     def head_dim(self) -> int:
@@ -151,16 +166,41 @@ class KVCache:
 # ----------------------------------------------------------------------------------------- layers
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout, with a cheaper mask on a CPU. torch's CPU dropout draws a 32-bit random number per
+    element from one serial Mersenne Twister (~14 ns each on the Intel Xeon of docs/benchmarks.md:
+    at the small CPU recipes' sizes, dropout took a fifth of an update); this draws 64-bit numbers from the same
+    generator and uses three 16-bit lanes of each, one per element (~3 ns). The rate is p rounded to
+    a multiple of 1/65536 and the kept values are scaled by 1/(1 - that rate), so the expectation is
+    x's. Other devices keep torch's own kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        return x * cpu_keep_mask(x.shape, self.p) * (65536 / (65536 - round(self.p * 65536)))
+
+
+def cpu_keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
+    """A bool tensor of `shape`, each element False with probability round(p * 65536) / 65536, drawn
+    from torch's default CPU generator (so torch.manual_seed and its saved state govern it)."""
+    n = math.prod(shape)
+    rows = -(-n // 3)
+    lanes = torch.empty(rows, dtype=torch.int64).random_().view(torch.int16).view(rows, 4)
+    # random_() fills [0, 2**63): the low 48 bits' three int16 lanes are uniform, the top one is not.
+    lanes = lanes[:, :3] if sys.byteorder == "little" else lanes[:, 1:]
+    return (lanes >= round(p * 65536) - 32768).reshape(-1)[:n].view(shape)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head = config.n_head
         self.n_embd = config.n_embd
-        self.dropout = config.dropout
+        self.dropout = config.attn_dropout_p
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.size()
@@ -192,7 +232,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.approximate = ACTIVATIONS[config.activation]  # GPT-2's "gelu_new" is the tanh approximation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -351,7 +391,7 @@ class GPT(nn.Module):
             dict(
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
+                drop=Dropout(config.dropout),
                 h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
             )

@@ -36,6 +36,10 @@ def test_the_resolved_config_is_complete_and_resolving_it_again_changes_nothing(
     assert plan.config.optim.decay_steps == plan.schedule_steps == 30
     assert plan.config.data.corpus == str(tmp_path / "corpus.txt")
     assert plan.gpt_config(vocab_size=65).n_layer == 2 and plan.block_size == 128
+    assert m.attn_dropout is None and plan.gpt_config(vocab_size=65).attn_dropout_p == 0.0  # dropout's
+    split = plan_run(load_config(None, ["model.preset=mini", "data.corpus=corpus.txt", "train.max_steps=30",
+                                        "model.dropout=0.1", "model.attn_dropout=0"])).gpt_config(vocab_size=65)
+    assert (split.dropout, split.attn_dropout, split.attn_dropout_p) == (0.1, 0.0, 0.0)
     plan.save(tmp_path / "config.toml")
     text = (tmp_path / "config.toml").read_text()
     assert "# resolved for 1 process(es): 1 micro-batch(es) of 8 x 128 tokens" in text

@@ -14,7 +14,7 @@ from them, so the rest of the trainer (block size, data preparation, model const
 it does for a fresh model, and the saved RUN/config.toml describes what was trained. Fields the
 config sets itself must agree with the weights; a smaller `model.block_size` is allowed (the
 position embeddings are cropped, as for fine-tuning GPT-2 at a shorter context); `model.dropout`
-is the config's. A gptforge run brings its own saved tokenizer, so a char or BPE vocabulary keeps
+and `model.attn_dropout` are the config's. A gptforge run brings its own saved tokenizer, so a char or BPE vocabulary keeps
 its ids; so does a Hugging Face directory with a tokenizer.json (`gptforge export` writes one): it is
 read back as the gptforge gpt2, bpe or char tokenizer it was (`gptforge.hf.tokenizer_from_hf`).
 Hugging Face GPT-2 weights without tokenizer files need GPT-2's tokenizer (`data.tokenizer = "gpt2"`).
