@@ -8,8 +8,8 @@ The model, batch and optimizers are configs/tinyshakespeare-char-10min.toml's (4
 wide, context 64, batch 32, float32, Muon on the blocks' matrices and AdamW on the rest), dropout 0.1.
 Four variants, each with its own copy of the same initial model, take turns (a round of `--steps`
 steps each, `--rounds` times), with the trainer's float32 step (benchmarks/optim_step.py's):
-- `torch nn.Dropout`: torch's own dropout modules (gptforge's before 2026-11-30: one 32-bit draw of
-  the CPU's Mersenne Twister per element), attention dropout 0.1 (SDPA leaves the flash kernel);
+- `torch nn.Dropout`: torch's own dropout modules (gptforge's before 2026-11-30: a double, two 32-bit
+  Mersenne Twister outputs, per element), attention dropout 0.1 (SDPA leaves the flash kernel);
 - `gptforge Dropout`: model.Dropout (three 16-bit lanes of each 64-bit draw), attention dropout 0.1;
 - `attn_dropout = 0`: model.Dropout on embeddings and residuals, none on the attention weights (the
   flash kernel);

@@ -518,6 +518,36 @@ def test_cpu_dropout_follows_torchs_seed_and_is_off_in_eval_and_at_zero():
     assert torch.equal(Dropout(0.0).train()(x), x)
 
 
+def test_the_model_drops_through_its_own_dropout_everywhere_but_inside_attention():
+    model = GPT.from_preset("tiny", vocab_size=100, dropout=0.1)
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(drops) == 2 * model.config.n_layer + 1 and all(type(m) is Dropout for m in drops)
+
+
+@pytest.mark.parametrize("make", [lambda: torch.ones(5, 7, 11).transpose(0, 2),  # not contiguous, 385 = 3k + 1
+                                  lambda: torch.ones(0, 3), lambda: torch.ones(2, 2)])
+def test_cpu_dropout_of_any_shape_and_layout(make):
+    x = make()
+    y = Dropout(0.5).train()(x)
+    assert y.shape == x.shape and set(y.unique().tolist()) <= {0.0, 2.0}
+    if x.numel() > 100:
+        assert 0.3 < (y == 0).double().mean().item() < 0.7
+
+
+def test_cpu_dropout_rates_that_round_to_none_or_all_use_torchs_dropout():
+    x = torch.ones(1000)
+    assert (Dropout(2 ** -18).train()(x) == 0).sum() <= 1  # 0 of 65,536 after rounding: torch's at p itself
+    y = Dropout(1 - 2 ** -18).train()(x)  # 65,536 of 65,536 after rounding: no division by zero
+    assert (y == 0).sum() > 990
+
+
+def test_cpu_dropout_compiles_into_one_graph():
+    """Under torch.compile the mask is torch's own dropout (its random_ would break the graph)."""
+    compiled = torch.compile(Dropout(0.5).train(), backend="eager", fullgraph=True)
+    y = compiled(torch.ones(4000))
+    assert set(y.unique().tolist()) == {0.0, 2.0} and 0.4 < (y == 0).double().mean().item() < 0.6
+
+
 def test_attention_in_evaluation_is_causal_softmax_attention_written_out():
     """Evaluation computes exactly softmax(q k^T / sqrt(hs)) v under a causal mask, head by head, with no
     dropout however large the configured one (mutmut survivor: dropout_p 1.0 in eval mode; the cache and

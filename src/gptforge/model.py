@@ -48,7 +48,8 @@ class GPTConfig:
     vocab_size: int = 50257
     """Number of token ids the tokenizer produces (GPT-2's BPE: 50,257)."""
     dropout: float = 0.0
-    """Dropout on embeddings, attention weights and residual paths, in [0, 1); off in eval mode."""
+    """Dropout on embeddings and residual paths, and on the attention weights unless attn_dropout says
+    otherwise, in [0, 1); off in eval mode."""
     attn_dropout: float | None = None
     """Dropout on the attention weights alone, in [0, 1); None: `dropout`. 0 keeps a CPU's attention in
     the fused (flash) kernel, which has no dropout: with it, attention takes a slower path."""
@@ -167,28 +168,31 @@ class KVCache:
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout, with a cheaper mask on a CPU. torch's CPU dropout draws a 32-bit random number per
-    element from one serial Mersenne Twister (~14 ns each on the Intel Xeon of docs/benchmarks.md:
-    at the small CPU recipes' sizes, dropout took a fifth of an update); this draws 64-bit numbers from the same
-    generator and uses three 16-bit lanes of each, one per element (~3 ns). The rate is p rounded to
-    a multiple of 1/65536 and the kept values are scaled by 1/(1 - that rate), so the expectation is
-    x's. Other devices keep torch's own kernel."""
+    """nn.Dropout, with a cheaper mask on a CPU. torch's CPU dropout draws a double (two 32-bit outputs
+    of one serial Mersenne Twister) per element: ~7.7 ns each on the Intel Xeon of docs/benchmarks.md,
+    a quarter of the 10-minute char recipe's step at dropout 0.1. This draws 64-bit numbers from the
+    same generator and uses three 16-bit lanes of each, one per element (~2.4 ns). The rate is p rounded
+    to a multiple of 1/65536, the kept values scaled by 1/(1 - that rate), so the expectation is x's.
+    Under torch.compile (which traces torch's dropout and fuses it), on other devices and for rates
+    that round to 0 or 1, torch's own dropout runs."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu":
+        dropped = round(self.p * 65536)  # of every 65,536 elements
+        if (not self.training or x.device.type != "cpu" or not 0 < dropped < 65536
+                or torch.compiler.is_compiling()):
             return super().forward(x)
-        return x * cpu_keep_mask(x.shape, self.p) * (65536 / (65536 - round(self.p * 65536)))
+        return torch.where(cpu_keep_mask(x.shape, dropped), x, 0) * (65536 / (65536 - dropped))
 
 
-def cpu_keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
-    """A bool tensor of `shape`, each element False with probability round(p * 65536) / 65536, drawn
-    from torch's default CPU generator (so torch.manual_seed and its saved state govern it)."""
+def cpu_keep_mask(shape: torch.Size, dropped: int) -> torch.Tensor:
+    """A bool tensor of `shape`, each element False with probability dropped / 65536, drawn from torch's
+    default CPU generator (so torch.manual_seed and its saved state govern it)."""
     n = math.prod(shape)
     rows = -(-n // 3)
-    lanes = torch.empty(rows, dtype=torch.int64).random_().view(torch.int16).view(rows, 4)
+    lanes = torch.empty(rows, dtype=torch.int64, device="cpu").random_().view(torch.int16).view(rows, 4)
     # random_() fills [0, 2**63): the low 48 bits' three int16 lanes are uniform, the top one is not.
     lanes = lanes[:, :3] if sys.byteorder == "little" else lanes[:, 1:]
-    return (lanes >= round(p * 65536) - 32768).reshape(-1)[:n].view(shape)
+    return (lanes >= dropped - 32768).reshape(-1)[:n].view(shape)
 
 
 class CausalSelfAttention(nn.Module):
