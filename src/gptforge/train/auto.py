@@ -58,10 +58,11 @@ TRAINING_SHARE = 0.93
 CPU_FLOAT32_WIDTH = 128
 # Dropout DROPOUT on the embeddings and residual paths, none on the attention weights (that keeps a CPU's
 # attention in the flash kernel), once the run would see its training text more than DROPOUT_PASSES
-# times. From a2's 10-minute runs (docs/auto.md): at 4.6 passes, side by side, no dropout reached 1.529
-# against 1.558 with 0.05 and 1.577 with 0.1 (1.660 with the attention weights' too); alone on the
-# machine, 0.05 reached 1.494 in 10.3 passes against no dropout's 1.511 in 12.6. Earlier, a1 in 30 s
-# (2.3 passes) reached 1.933 with dropout 0.1 against 1.713 without. The threshold lies between 4.6 and 10.
+# times (counted at the speed measured without dropout). From a2's 10-minute runs (docs/auto.md): side by
+# side at ~4 passes, no dropout reached 1.529 against 1.558 with 0.05 and 1.577 with 0.1; alone on the
+# machine, 0.05 reached 1.494 (~11.5 passes at no-dropout speed) against no dropout's 1.511 (12.6).
+# Earlier, a1 in 30 s (2.3 passes) reached 1.933 with dropout 0.1 against 1.713 without. One pair of
+# runs on each side: the threshold lies somewhere between 4.6 and ~11.5.
 DROPOUT_PASSES = 8
 DROPOUT = 0.05
 # The exact GELU: the same quality as GPT-2's tanh form, several times cheaper on CPUs whose tanh kernel
