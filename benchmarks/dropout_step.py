@@ -19,18 +19,16 @@ steps each, `--rounds` times), with the trainer's float32 step (benchmarks/optim
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCHMARKS_MD, REPO, machine_summary, update_section  # noqa: E402
-from optim_step import make_step, profile_rows  # noqa: E402
+from optim_step import make_step, profile_tables, take_turns  # noqa: E402
 
 from gptforge.config import load_config  # noqa: E402
 from gptforge.model import GPT, Dropout, GPTConfig  # noqa: E402
@@ -77,19 +75,11 @@ def main() -> None:
     steps = {}
     for name in names:
         model = build(name, shape)
-        opt = configure_optimizer(model, dataclasses.replace(cfg.optim), torch.device("cpu"))
+        opt = configure_optimizer(model, cfg.optim, torch.device("cpu"))
         steps[name] = make_step(model, opt, x, y, cfg.optim.grad_clip)
         for _ in range(3):  # warm-up: allocator, oneDNN primitives, optimizer state
             steps[name]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(args.rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            for _ in range(args.steps):
-                t = time.perf_counter()
-                steps[name]()
-                times[name].append(time.perf_counter() - t)
-        print(f"round {r + 1}: " + ", ".join(f"{n} {statistics.median(times[n][-args.steps:]) * 1e3:.1f} ms"
-                                            for n in names), flush=True)
+    times = take_turns(steps, args.rounds, args.steps)
     load_end = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     chars = batch * block
     med = {n: statistics.median(times[n]) for n in names}
@@ -112,12 +102,7 @@ def main() -> None:
               f"best {min(times[n]) * 1e3:.1f} ms, {base / med[n]:.2f}x torch nn.Dropout", flush=True)
     lines.append("")
     if args.profile:
-        for n in names[:3]:
-            lines += [f"Profile of one step, {n} (torch.profiler, self CPU time):", "",
-                      "| op | self ms | share | calls |", "|---|---:|---:|---:|"]
-            lines += [f"| `{k}` | {ms:.1f} | {share:.0%} | {count} |"
-                      for k, ms, share, count in profile_rows(steps[n], args.profile)]
-            lines.append("")
+        lines += profile_tables(steps, names[:3], args.profile)
     if not args.no_write:
         update_section(BENCHMARKS_MD, "bench:dropout_step", "\n".join(lines).rstrip())
         print(f"wrote {BENCHMARKS_MD}")

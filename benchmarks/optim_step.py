@@ -86,6 +86,34 @@ def profile_rows(step, top: int) -> list[tuple[str, float, float, int]]:
     return [(e.key, e.self_cpu_time_total / 1e3, e.self_cpu_time_total / total, e.count) for e in rows[:top]]
 
 
+def take_turns(steps: dict, rounds: int, per_round: int, clock=time.perf_counter) -> dict[str, list[float]]:
+    """Each step's times over `rounds` rounds of `per_round` calls each, the order reversed every other
+    round, so a machine whose speed drifts treats every variant alike. Prints each round's medians."""
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            for _ in range(per_round):
+                t = clock()
+                steps[name]()
+                times[name].append(clock() - t)
+        print(f"round {r + 1}: " + ", ".join(f"{n} {statistics.median(times[n][-per_round:]) * 1e3:.1f} ms"
+                                            for n in names), flush=True)
+    return times
+
+
+def profile_tables(steps: dict, names: list[str], top: int) -> list[str]:
+    """Markdown lines: a torch.profiler table of one step of each of `names` (the ops with most self time)."""
+    lines = []
+    for n in names:
+        lines += [f"Profile of one step, {n} (torch.profiler, self CPU time):", "",
+                  "| op | self ms | share | calls |", "|---|---:|---:|---:|"]
+        lines += [f"| `{k}` | {ms:.1f} | {share:.0%} | {count} |"
+                  for k, ms, share, count in profile_rows(steps[n], top)]
+        lines.append("")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=6)
@@ -115,15 +143,7 @@ def main() -> None:
         opts[name] = (model, opt)
         for _ in range(3):  # warm-up: allocator, oneDNN primitives, optimizer state
             steps[name]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(args.rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            for _ in range(args.steps):
-                t = clock()
-                steps[name]()
-                times[name].append(clock() - t)
-        print(f"round {r + 1}: " + ", ".join(f"{n} {statistics.median(times[n][-args.steps:]) * 1e3:.1f} ms"
-                                            for n in names), flush=True)
+    times = take_turns(steps, args.rounds, args.steps, clock)
     # The optimizer's update alone (the only part that differs), on one backward's gradients, alternating.
     opt_times: dict[str, list[float]] = {n: [] for n in names}
     for name in names:
@@ -164,12 +184,7 @@ def main() -> None:
               flush=True)
     lines.append("")
     if args.profile:
-        for n in names:
-            lines += [f"Profile of one step, {n} (torch.profiler, self CPU time):", "",
-                      "| op | self ms | share | calls |", "|---|---:|---:|---:|"]
-            lines += [f"| `{k}` | {ms:.1f} | {share:.0%} | {count} |"
-                      for k, ms, share, count in profile_rows(steps[n], args.profile)]
-            lines.append("")
+        lines += profile_tables(steps, names, args.profile)
     if not args.no_write:
         update_section(BENCHMARKS_MD, "bench:optim_step", "\n".join(lines).rstrip())
         print(f"wrote {BENCHMARKS_MD}")
