@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gptforge.errors import GptforgeError
-from gptforge.model import GPT, PRESETS, Dropout, GPTConfig, chunked_cross_entropy
+from gptforge.model import GPT, PRESETS, Dropout, GPTConfig, LogitsBuffer, chunked_cross_entropy
 
 # ------------------------------------------------------------------------------------ config
 
@@ -249,6 +249,48 @@ def test_chunked_cross_entropy_function_and_bf16():
     assert lb.item() == pytest.approx(rb.item(), rel=2e-3)  # bf16 precision, as in the test below
     with torch.no_grad():  # evaluation: no gradients computed, same value
         assert abs(chunked_cross_entropy(x, w, t, 33, 9).item() - ref.item()) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_buffer_is_reused_and_changes_nothing(dtype):
+    """The CPU loss makes its logits chunks in a kept buffer: the same loss and gradients, bit for bit,
+    as fresh tensors give, and the same memory from one call to the next (grown when a call needs more)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 16, generator=g, requires_grad=True)
+    w = torch.randn(40, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 33, (50,), generator=g)
+    t[5] = -1
+    buf = LogitsBuffer()
+
+    def run(buffer, rows=50):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = chunked_cross_entropy(x[:rows], w, t[:rows], 33, chunk=16, logits_buffer=buffer)
+        return (loss, *torch.autograd.grad(loss, (x, w)))
+
+    plain = run(None)
+    for _ in range(2):  # twice: the second call finds the buffer full of the first one's probabilities
+        kept = run(buf)
+        assert all(torch.equal(a, b) for a, b in zip(kept, plain, strict=True))
+    assert buf.buffer.dtype == dtype and buf.buffer.numel() == 16 * 40  # one chunk of padded logits
+    first = buf.buffer.data_ptr()
+    run(buf, rows=10)  # a smaller chunk: the same memory
+    assert buf.buffer.data_ptr() == first
+    assert buf.get(17, 40, dtype).shape == (17, 40) and buf.buffer.numel() == 17 * 40  # grown
+    assert buf.get(2, 3, torch.float64).dtype == torch.float64  # another dtype: a new buffer
+    with torch.inference_mode():
+        chunked_cross_entropy(x.detach(), w.detach(), t, 33, chunk=16, logits_buffer=buf)
+    assert buf.buffer.is_inference()
+    assert torch.equal(run(buf)[0], plain[0])  # outside inference mode again: a buffer it may write
+
+
+def test_model_loss_on_cpu_uses_its_logits_buffer():
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50))
+    idx = torch.randint(0, 50, (2, 8))
+    assert m.logits_buffer.buffer is None
+    _, loss = m(idx, idx)
+    assert m.logits_buffer.buffer is not None and m.logits_buffer.buffer.numel() == 16 * m.config.padded_vocab_size
+    m.loss_chunk_size = 0  # the plain path gives the same loss
+    assert m(idx, idx)[1].item() == pytest.approx(loss.item(), abs=1e-6)
 
 
 def test_chunked_loss_makes_no_gradients_under_no_grad():

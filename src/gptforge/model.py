@@ -269,6 +269,28 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+class LogitsBuffer:
+    """The LM head's logits chunk, kept from one loss to the next on a CPU. A chunk of GPT-2's vocabulary
+    is large (2,048 x 50,304 bf16: 206 MB); allocated afresh each update, every one of its 4 KB pages
+    is a page fault when first written (~50,000 an update, ~0.9 us each on the Intel Xeon of
+    docs/benchmarks.md), and a freed block that size leaves a hole the next one may not fit. The
+    chunk is the step's largest moment anyway, so keeping it costs no peak memory."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def get(self, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised (rows, cols) tensor of `dtype` on the CPU, from the kept buffer."""
+        n = rows * cols
+        b = self.buffer
+        # (one made under torch.inference_mode cannot be written outside it)
+        if (b is None or b.dtype != dtype or b.numel() < n
+                or (b.is_inference() and not torch.is_inference_mode_enabled())):
+            self.buffer = None  # free the old one before making the new one
+            self.buffer = torch.empty(n, dtype=dtype)
+        return self.buffer[:n].view(rows, cols)
+
+
 class _ChunkedLMHeadLoss(torch.autograd.Function):
     """Mean cross-entropy of `x @ weight.T` against targets, without the full logits tensor.
 
@@ -284,7 +306,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, vocab_size: int, chunk: int, compute_dtype: torch.dtype,
-                grad_enabled: bool):
+                grad_enabled: bool, logits_buffer: LogitsBuffer | None):
         # x: (N, C), weight: (Vp, C), targets: (N,) with -1 = ignore
         with torch.autocast(x.device.type, enabled=False):
             xc, wc = x.to(compute_dtype), weight.to(compute_dtype)
@@ -299,7 +321,10 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
             for s in range(0, x.size(0), chunk):
                 x_s, ok = xc[s : s + chunk], valid[s : s + chunk]  # (n, C), (n,)
                 t = targets[s : s + chunk].clamp(min=0).unsqueeze(1)  # (n, 1); ignored rows masked below
-                logits = x_s @ wc.t()  # (n, Vp) in the compute dtype
+                if logits_buffer is not None and x_s.device.type == "cpu":  # (n, Vp) in the compute dtype
+                    logits = torch.mm(x_s, wc.t(), out=logits_buffer.get(x_s.size(0), wc.size(0), wc.dtype))
+                else:
+                    logits = x_s @ wc.t()
                 if logits.size(1) > vocab_size:
                     logits[:, vocab_size:] = float("-inf")
                 # The CPU and CUDA (log-)softmax kernels read a row before writing it, so there the
@@ -360,20 +385,22 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         scale = grad_out.to(torch.float32) / denom
         gx = (grad_x.float() * scale).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         gw = (grad_w * scale).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
-        return gx, gw, None, None, None, None, None
+        return gx, gw, None, None, None, None, None, None
 
 
 def chunked_cross_entropy(
-    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk: int = 256
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk: int = 256,
+    logits_buffer: LogitsBuffer | None = None,
 ) -> torch.Tensor:
     """`F.cross_entropy((x @ weight.T)[:, :vocab_size], targets, ignore_index=-1)`, in row chunks.
 
     x: (N, C); weight: (padded_vocab, C); targets: (N,). Under autocast the matmuls run in the
-    autocast dtype and the softmax in float32, as autocast would do for the plain version.
+    autocast dtype and the softmax in float32, as autocast would do for the plain version. On a CPU
+    the chunks' logits are made in `logits_buffer` when one is given (kept from call to call).
     """
     # Grad mode is always off inside an autograd.Function's forward: read it here.
     return _ChunkedLMHeadLoss.apply(x, weight, targets, vocab_size, chunk, _compute_dtype(x),
-                                    torch.is_grad_enabled())
+                                    torch.is_grad_enabled(), logits_buffer)
 
 
 # ----------------------------------------------------------------------------------------- GPT
@@ -391,6 +418,7 @@ class GPT(nn.Module):
         # of the GPT-2-vocabulary model ran ~12% faster with 2048 rows than 512, float32 alike, at
         # ~400 MB of float32 (or ~200 MB of bf16) logits per chunk with GPT-2's vocabulary.
         self.loss_chunk_size = 2048
+        self.logits_buffer = LogitsBuffer()  # the CPU loss's logits chunk, reused (not a parameter)
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
@@ -472,7 +500,9 @@ class GPT(nn.Module):
         # never makes the full logits tensor, and callers must not depend on which path ran.
         if self.loss_chunk_size:
             # The chunked path masks padded columns to -inf inside the softmax.
-            return None, chunked_cross_entropy(x.view(B * T, -1), W, targets.reshape(-1), V, self.loss_chunk_size)
+            buffer = None if torch.compiler.is_compiling() else self.logits_buffer
+            return None, chunked_cross_entropy(x.view(B * T, -1), W, targets.reshape(-1), V, self.loss_chunk_size,
+                                               buffer)
         # The plain path slices the padded columns off before the softmax.
         logits = F.linear(x, W)[..., :V]  # (B, T, V)
         return None, F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=-1)

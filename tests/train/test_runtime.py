@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import random
 
 import numpy as np
@@ -92,3 +93,38 @@ def test_cpu_bf16_path_can_be_forced_either_way(monkeypatch):
     monkeypatch.setenv(CPU_BF16_ENV, "yes")
     with pytest.raises(GptforgeError, match="GPTFORGE_CPU_BF16='yes' is invalid"):
         resolve_dtype("auto", cpu)
+
+
+def _faults_per_round(rounds: int) -> list[int]:
+    """Minor page faults of each of `rounds` rounds that make and free two 64 MB tensors, as a step does."""
+    import resource
+
+    faults = []
+    for _ in range(rounds):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        a = torch.ones(2048, 8192)
+        b = a * 2
+        b.sum(0)
+        del a, b
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return faults
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_cpu_runtime_keeps_freed_memory_for_the_next_large_blocks(monkeypatch):
+    """Freed 64 MB blocks are reused by the next round's, not unmapped and faulted in again page by page
+    (32,768 faults a round without; the GPT-2-vocabulary CPU step makes several such blocks an update)."""
+    import gptforge.runtime as runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append(1) or True)
+    setup_runtime("cpu", "float32")
+    assert calls == [1]  # the CPU runtime asks for it
+    monkeypatch.undo()
+    monkeypatch.setenv(runtime.KEEP_FREED_MEMORY_ENV, "0")  # the user's way to keep glibc's defaults
+    assert runtime.keep_freed_memory() is False
+    monkeypatch.delenv(runtime.KEEP_FREED_MEMORY_ENV)
+    assert runtime.keep_freed_memory() is True
+    fresh = 2 * (64 << 20) // 4096  # pages of one round's blocks
+    settled = _faults_per_round(8)[4:]  # the heap grows over the first rounds, then holds them
+    assert sum(settled) < len(settled) * fresh / 2, settled
