@@ -5,9 +5,10 @@
 
 The model is the GPT-2-vocabulary one of docs/benchmarks.md's throughput table (6 layers, 6 heads,
 384 wide, context 256, batch 8: 186.7 MFLOP/token, the LM head 62% of them) with the trainer's own
-step (configure_optimizer's AdamW, autocast, clipping). The baseline's `src/` is extracted with `git
-archive` into a temporary directory; each measurement is a fresh process importing one of the two
-trees, and the two alternate (A B A B ...) so that a machine whose speed drifts treats both alike.
+step (setup_runtime's CPU set-up, configure_optimizer's AdamW, autocast, clipping). The baseline's
+`src/` is extracted with `git archive` into a temporary directory; each measurement is a fresh process
+importing one of the two trees, and the two alternate (A B A B ...) so that a machine whose speed drifts
+treats both alike.
 The table gives the best step of each process (median over processes) and the ratio, and each
 process's peak RSS (VmHWM: torch, the model, AdamW's state and the step's largest moment; the highest over
 processes); a torch.profiler table of one step (the ops with the most self time) shows where the time
@@ -49,6 +50,11 @@ else:
     from gptforge.model import GPT, GPTConfig
     from gptforge.config import OptimConfig
     from gptforge.train.optim import configure_optimizer
+    try:
+        from gptforge.runtime import setup_runtime
+    except ImportError:  # a baseline from before it moved out of the training package
+        from gptforge.train.runtime import setup_runtime
+    setup_runtime("cpu", args["dtype"])  # what the trainer sets up for the CPU (its allocator settings)
     model = GPT(GPTConfig(**args["shape"], **({"activation": args["activation"]} if args.get("activation") else {})))
     opt = configure_optimizer(model, OptimConfig(), torch.device("cpu"))
 dtype = getattr(torch, args["dtype"])

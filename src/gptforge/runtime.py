@@ -99,7 +99,7 @@ def keep_freed_memory() -> bool:
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no such symbol; Windows has no CDLL(None)
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
     # No mmap'd blocks (glibc still falls back to mmap when the heap cannot grow), and no trimming of
