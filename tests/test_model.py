@@ -277,15 +277,18 @@ def test_logits_buffer_is_reused_and_changes_nothing(dtype):
     assert buf.buffer.data_ptr() == first
     assert buf.get(17, 40, dtype).shape == (17, 40) and buf.buffer.numel() == 17 * 40  # grown
     assert buf.get(2, 3, torch.float64).dtype == torch.float64  # another dtype: a new buffer
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         chunked_cross_entropy(x.detach(), w.detach(), t, 33, chunk=16, logits_buffer=buf)
-    assert buf.buffer.is_inference()
+    assert buf.buffer.is_inference() and buf.buffer.dtype == dtype
     assert torch.equal(run(buf)[0], plain[0])  # outside inference mode again: a buffer it may write
 
 
-def test_model_loss_on_cpu_uses_its_logits_buffer():
+def test_model_training_loss_on_cpu_uses_its_logits_buffer():
     m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50))
     idx = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():  # evaluation (float32, twice a bf16 step's size) keeps no buffer
+        m(idx, idx)
+    torch.compile(m, backend="eager", fullgraph=True)(idx, idx)  # nor does a traced loss
     assert m.logits_buffer.buffer is None
     _, loss = m(idx, idx)
     assert m.logits_buffer.buffer is not None and m.logits_buffer.buffer.numel() == 16 * m.config.padded_vocab_size

@@ -274,7 +274,8 @@ class LogitsBuffer:
     is large (2,048 x 50,304 bf16: 206 MB); allocated afresh each update, every one of its 4 KB pages
     is a page fault when first written (~50,000 an update, ~0.9 us each on the Intel Xeon of
     docs/benchmarks.md), and a freed block that size leaves a hole the next one may not fit. The
-    chunk is the step's largest moment anyway, so keeping it costs no peak memory."""
+    chunk is the step's largest block anyway, so keeping it costs little peak memory (~40 MB more for
+    the GPT-2-token CPU recipe's step). GPT.forward uses it for training losses only."""
 
     def __init__(self) -> None:
         self.buffer: torch.Tensor | None = None
@@ -284,8 +285,8 @@ class LogitsBuffer:
         n = rows * cols
         b = self.buffer
         # (one made under torch.inference_mode cannot be written outside it)
-        if (b is None or b.dtype != dtype or b.numel() < n
-                or (b.is_inference() and not torch.is_inference_mode_enabled())):
+        stale = b is None or b.dtype != dtype or b.numel() < n
+        if stale or (b.is_inference() and not torch.is_inference_mode_enabled()):
             self.buffer = None  # free the old one before making the new one
             self.buffer = torch.empty(n, dtype=dtype)
         return self.buffer[:n].view(rows, cols)
@@ -500,7 +501,10 @@ class GPT(nn.Module):
         # never makes the full logits tensor, and callers must not depend on which path ran.
         if self.loss_chunk_size:
             # The chunked path masks padded columns to -inf inside the softmax.
-            buffer = None if torch.compiler.is_compiling() else self.logits_buffer
+            # Training only: evaluation runs in float32 (a buffer twice the size, kept through the next
+            # training step's forward) and under torch.compile the traced loss makes its own.
+            training = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            buffer = self.logits_buffer if training else None
             return None, chunked_cross_entropy(x.view(B * T, -1), W, targets.reshape(-1), V, self.loss_chunk_size,
                                                buffer)
         # The plain path slices the padded columns off before the softmax.

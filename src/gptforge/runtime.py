@@ -92,7 +92,8 @@ def keep_freed_memory() -> bool:
     fresh mapping costs a page fault (~1 us) per 4 KB page the first time it is written. The
     GPT-2-vocabulary CPU step allocates and frees the 51 MB float32 gradients of the token embedding
     and several more such blocks each update. Afterwards the process keeps what it has freed (its
-    resident memory stays at its peak), which is what a training process wants. Process-wide; returns
+    resident memory stays at its peak), which is what a training process wants, so the Trainer asks for
+    it on a CPU; other callers (evaluation, the Python API) keep glibc's defaults. Process-wide; returns
     whether it applied (False where the C library has no mallopt, e.g. macOS, or where
     GPTFORGE_KEEP_FREED_MEMORY=0 asks the C library's defaults to stay)."""
     if os.environ.get(KEEP_FREED_MEMORY_ENV, "").strip() == "0":
@@ -160,8 +161,6 @@ def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
             raise GptforgeError("distributed training on MPS is not supported; use train.device=cpu with torchrun")
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    if dev.type == "cpu":
-        keep_freed_memory()
     if dev.type == "cuda":
         # TF32 matmuls: ~free speed on Ampere+ with no visible effect on training curves.
         torch.backends.cuda.matmul.allow_tf32 = True

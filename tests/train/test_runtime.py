@@ -111,15 +111,19 @@ def _faults_per_round(rounds: int) -> list[int]:
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
-def test_cpu_runtime_keeps_freed_memory_for_the_next_large_blocks(monkeypatch):
+def test_cpu_training_keeps_freed_memory_for_the_next_large_blocks(monkeypatch, tmp_path, tiny_config):
     """Freed 64 MB blocks are reused by the next round's, not unmapped and faulted in again page by page
-    (32,768 faults a round without; the GPT-2-vocabulary CPU step makes several such blocks an update)."""
+    (32,768 faults a round without; the GPT-2-vocabulary CPU step makes several such blocks an update).
+    A CPU Trainer asks for it; setup_runtime alone (evaluation, the Python API) does not."""
     import gptforge.runtime as runtime
+    import gptforge.train.trainer as trainer
 
     calls = []
-    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(trainer, "keep_freed_memory", lambda: calls.append(1) or True)
     setup_runtime("cpu", "float32")
-    assert calls == [1]  # the CPU runtime asks for it
+    assert calls == []
+    trainer.Trainer(tiny_config("train.max_steps=1"), tmp_path / "run")
+    assert calls == [1]
     monkeypatch.undo()
     monkeypatch.setenv(runtime.KEEP_FREED_MEMORY_ENV, "0")  # the user's way to keep glibc's defaults
     assert runtime.keep_freed_memory() is False

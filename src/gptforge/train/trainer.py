@@ -51,6 +51,7 @@ from gptforge.model import GPT
 from gptforge.runtime import (
     Runtime,
     grad_scaler,
+    keep_freed_memory,
     resolve_dtype,
     seed_everything,
     setup_runtime,
@@ -147,6 +148,8 @@ class Trainer(_ReadBack, _BudgetClock, _TrainState, _RunData, _Report):
         self.restarted = resume and not has_checkpoint
         resume = resume and not self.restarted
         self.rt: Runtime = setup_runtime(config.train.device, config.train.dtype)
+        if self.rt.device.type == "cpu":
+            keep_freed_memory()  # the update's large blocks reused, not faulted in again (gptforge.runtime)
         self.auto = None  # model.preset = "auto": what it chose (gptforge.train.auto)
         if config.model.preset == AUTO and not resume:
             config = self._choose_for_budget(config)
