@@ -5,7 +5,7 @@
 
 The model is the GPT-2-vocabulary one of docs/benchmarks.md's throughput table (6 layers, 6 heads,
 384 wide, context 256, batch 8: 186.7 MFLOP/token, the LM head 62% of them) with the trainer's own
-step (setup_runtime's CPU set-up, configure_optimizer's AdamW, autocast, clipping). The baseline's
+step (its allocator setting, configure_optimizer's AdamW, autocast, clipping). The baseline's
 `src/` is extracted with `git archive` into a temporary directory; each measurement is a fresh process
 importing one of the two trees, and the two alternate (A B A B ...) so that a machine whose speed drifts
 treats both alike.
@@ -39,6 +39,11 @@ WORKER = r"""
 import json, sys, time, torch
 args = json.loads(sys.argv[1])
 torch.manual_seed(0)
+try:  # what gptforge's trainer asks of glibc on a CPU; nanoGPT's step gets it too, to compare like with like
+    from gptforge.runtime import keep_freed_memory
+    keep_freed_memory()
+except ImportError:  # a baseline from before it
+    pass
 if args["impl"] == "nanogpt":  # nanoGPT's own model.py and its configure_optimizers (train.py's defaults)
     sys.path.insert(0, args["nanogpt"])
     from model import GPT, GPTConfig
@@ -50,11 +55,6 @@ else:
     from gptforge.model import GPT, GPTConfig
     from gptforge.config import OptimConfig
     from gptforge.train.optim import configure_optimizer
-    try:
-        from gptforge.runtime import setup_runtime
-    except ImportError:  # a baseline from before it moved out of the training package
-        from gptforge.train.runtime import setup_runtime
-    setup_runtime("cpu", args["dtype"])  # what the trainer sets up for the CPU (its allocator settings)
     model = GPT(GPTConfig(**args["shape"], **({"activation": args["activation"]} if args.get("activation") else {})))
     opt = configure_optimizer(model, OptimConfig(), torch.device("cpu"))
 dtype = getattr(torch, args["dtype"])
