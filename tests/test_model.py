@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from gptforge.errors import GptforgeError
-from gptforge.model import GPT, PRESETS, Dropout, GPTConfig, LogitsBuffer, chunked_cross_entropy
+from gptforge.model import (
+    GPT,
+    PRESETS,
+    Dropout,
+    GPTConfig,
+    LogitsBuffer,
+    chunked_cross_entropy,
+)
 
 # ------------------------------------------------------------------------------------ config
 
@@ -669,3 +676,26 @@ def test_bf16_loss_of_each_row_keeps_float32_digits():
         theirs.append(F.cross_entropy(logits.float(), t[i : i + 1]).item())
     assert 6 < sum(theirs) / 32 < 20  # losses where bf16 steps are 1/32 to 1/8
     assert max(abs(a - b) for a, b in zip(ours, theirs, strict=True)) <= 6e-3  # log of a bf16 p: <= 2**-8
+
+
+def test_chunked_loss_backward_hands_over_its_weight_gradient_without_a_copy():
+    """The weight gradient, made in the forward, is scaled in place by the backward (a copy of it was the
+    bf16 step's peak memory), so the backward allocates far less than one gradient; a second backward
+    through the same graph (retain_graph) would scale it twice, and is refused with a clear error."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(64, 32, generator=g).requires_grad_()
+    w = torch.randn(20_000, 32, generator=g).requires_grad_()
+    t = torch.randint(0, 20_000, (64,), generator=g)
+    ref = F.cross_entropy(x @ w.t(), t)
+    (rw,) = torch.autograd.grad(ref, (w,))
+    loss = chunked_cross_entropy(x, w, t, vocab_size=20_000)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        (gw,) = torch.autograd.grad(loss, (w,), retain_graph=True)
+    allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages())
+    assert allocated < w.numel() * 4 / 4  # a copy would be all of it
+    assert torch.allclose(gw, rw, rtol=1e-4, atol=1e-7)
+    with pytest.raises(RuntimeError, match="once"):
+        torch.autograd.grad(loss, (w,))
+
