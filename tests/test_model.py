@@ -661,9 +661,9 @@ def test_bf16_weight_gradient_across_the_vocabulary_slices():
 
 
 def test_bf16_loss_of_each_row_keeps_float32_digits():
-    """Under bf16 each row's loss is max logit - log(max probability) - target logit, in float32 from the
-    bf16 logits: within a few thousandths of F.cross_entropy over those logits, where a bf16 log-softmax
-    rounds a loss near 10 to steps of 1/16."""
+    """Under bf16 on a CPU each row's loss is -log p_t, in float32 from the bf16 probability: within a
+    few thousandths of F.cross_entropy over the same bf16 logits, where a bf16 log-softmax rounds a loss
+    near 10 to steps of 1/16."""
     g = torch.Generator().manual_seed(14)
     x = torch.randn(32, 16, generator=g)
     w = 0.75 * torch.randn(1000, 16, generator=g)
@@ -676,6 +676,34 @@ def test_bf16_loss_of_each_row_keeps_float32_digits():
         theirs.append(F.cross_entropy(logits.float(), t[i : i + 1]).item())
     assert 6 < sum(theirs) / 32 < 20  # losses where bf16 steps are 1/32 to 1/8
     assert max(abs(a - b) for a, b in zip(ours, theirs, strict=True)) <= 6e-3  # log of a bf16 p: <= 2**-8
+
+
+def test_bf16_rows_whose_target_probability_underflows_get_their_exact_loss():
+    """A bf16 p_t underflows to 0 for a loss over ~87 nats (-log p_t would be inf): those rows' loss is
+    recomputed from their logits, the others' is -log p_t, each row within bf16 precision of
+    F.cross_entropy over the same bf16 logits; the gradients stay those of the reference."""
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(16, 8, generator=g)
+    w = torch.randn(300, 8, generator=g)
+    t = torch.randint(0, 290, (16,), generator=g)
+    x[::2] *= 40  # logits of hundreds: even rows' targets get losses far over 87 nats, odd rows' are ordinary
+    x, w = x.requires_grad_(), w.requires_grad_()
+    ours, theirs = [], []
+    for i in range(16):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours.append(chunked_cross_entropy(x[i : i + 1], w, t[i : i + 1], vocab_size=290).item())
+            logits = (x[i : i + 1] @ w.t())[:, :290]
+        theirs.append(F.cross_entropy(logits.float(), t[i : i + 1]).item())
+    assert sum(loss > 100 for loss in theirs[::2]) >= 4  # the fallback's rows are there
+    for a, b in zip(ours, theirs, strict=True):
+        assert a == pytest.approx(b, rel=1e-2, abs=6e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_cross_entropy(x, w, t, vocab_size=290, chunk=5)
+        ref = F.cross_entropy((x @ w.t())[:, :290].float(), t)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-3)
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    rx, rw = torch.autograd.grad(ref, (x, w))
+    assert (gx - rx).abs().max() <= 2e-2 * rx.abs().max() and (gw - rw).abs().max() <= 2e-2 * rw.abs().max()
 
 
 def test_chunked_loss_backward_hands_over_its_weight_gradient_without_a_copy():
