@@ -15,6 +15,7 @@ from gptforge.model import (
     Dropout,
     GPTConfig,
     LogitsBuffer,
+    causal_attention,
     chunked_cross_entropy,
 )
 
@@ -727,3 +728,54 @@ def test_chunked_loss_backward_hands_over_its_weight_gradient_without_a_copy():
     with pytest.raises(RuntimeError, match="once"):
         torch.autograd.grad(loss, (w,))
 
+
+def _graph_names(t: torch.Tensor) -> set[str]:
+    names, todo, seen = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 64, 16), (1, 2, 33, 8)])
+def test_bf16_cpu_attention_is_sdpa_forward_with_a_float32_backward(shape):
+    """causal_attention on bf16 CPU tensors that need gradients: the output is SDPA's, bit for bit (the
+    same bf16 flash kernel), and the gradients, from the float32 backward kernel, are at least as close
+    to a float64 reference as SDPA's bf16 backward gives."""
+    g = torch.Generator().manual_seed(17)
+    base = [torch.randn(*shape, generator=g).to(torch.bfloat16) for _ in range(3)]
+    grad = torch.randn(*shape, generator=g).to(torch.bfloat16)
+    ref = [b.double().requires_grad_() for b in base]
+    F.scaled_dot_product_attention(*ref, is_causal=True).backward(grad.double())
+    errors = {}
+    for name, fn in (("ours", causal_attention), ("sdpa", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))):
+        qkv = [b.clone().requires_grad_() for b in base]
+        out = fn(*qkv)
+        out.backward(grad)
+        errors[name] = [((t.grad.double() - r.grad).norm() / r.grad.norm()).item() for t, r in zip(qkv, ref, strict=True)]
+        assert all(t.grad.dtype == torch.bfloat16 for t in qkv)
+        if name == "ours":
+            assert "_CPUBf16CausalAttentionBackward" in _graph_names(out)
+            ours_out = out.detach()
+        else:
+            assert torch.equal(ours_out, out.detach())
+    for ours, sdpa in zip(errors["ours"], errors["sdpa"], strict=True):
+        assert ours <= 1.2 * sdpa + 1e-4 and ours < 1e-2
+
+
+def test_model_uses_the_float32_attention_backward_only_for_bf16_training_on_a_cpu():
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50, dropout=0.0))
+    idx = torch.randint(0, 50, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = m(idx, idx)
+    assert "_CPUBf16CausalAttentionBackward" in _graph_names(loss)
+    _, loss = m(idx, idx)  # float32: SDPA
+    assert "_CPUBf16CausalAttentionBackward" not in _graph_names(loss)
+    m_drop = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50, dropout=0.1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = m_drop(idx, idx)  # attention dropout: SDPA's own
+    assert "_CPUBf16CausalAttentionBackward" not in _graph_names(loss)

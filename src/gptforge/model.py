@@ -195,6 +195,36 @@ def cpu_keep_mask(shape: torch.Size, dropped: int) -> torch.Tensor:
     return (lanes >= dropped - 32768).reshape(-1)[:n].view(shape)
 
 
+class _CPUBf16CausalAttention(torch.autograd.Function):
+    """Causal flash attention of bf16 q, k, v on a CPU: torch's bf16 flash kernel forward, its float32
+    kernel backward (from the bf16 forward's output and log-sum-exp). On the Intel Xeon of
+    docs/benchmarks.md the bf16 backward kernel ran ~2x slower than the float32 one on the same
+    shapes, the casts cost little (q, k, v are B*T*C each), and the float32 gradients are no less
+    precise. The same function as F.scaled_dot_product_attention(q, k, v, is_causal=True)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.0, True)
+        return tuple(g.to(torch.bfloat16) for g in grads)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True); for bf16 training
+    on a CPU (no dropout, not compiling), with the float32 backward kernel (_CPUBf16CausalAttention)."""
+    if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and dropout_p == 0.0 and torch.is_grad_enabled()
+            and q.requires_grad and not torch.compiler.is_compiling()):
+        return _CPUBf16CausalAttention.apply(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
@@ -226,7 +256,10 @@ class CausalSelfAttention(nn.Module):
                     mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
                 # T == 1: the one new token may see every cached key, so no mask at all.
         dropout_p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+        if mask is None and is_causal:
+            y = causal_attention(q, k, v, dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
