@@ -779,3 +779,14 @@ def test_model_uses_the_float32_attention_backward_only_for_bf16_training_on_a_c
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, loss = m_drop(idx, idx)  # attention dropout: SDPA's own
     assert "_CPUBf16CausalAttentionBackward" not in _graph_names(loss)
+
+
+def test_a_bf16_cpu_training_loss_compiles_as_one_graph():
+    """The bf16 CPU loss's underflow rows are data-dependent; a traced loss takes the other form, so
+    torch.compile (train.compile) still sees one graph, forward and backward."""
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50))
+    idx = torch.randint(0, 50, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = torch.compile(m, backend="eager", fullgraph=True)(idx, idx)
+    loss.backward()
+    assert torch.isfinite(loss) and m.transformer.wte.weight.grad is not None

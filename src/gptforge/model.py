@@ -368,7 +368,8 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
                     probs = torch.ops.aten._log_softmax.out(logits, -1, False, out=out)  # log-probs, for now
                     row_loss = -probs.gather(1, t).squeeze(1)
                     probs = probs.exp_() if need_grad else probs  # softmax in place
-                elif compute_dtype == torch.bfloat16 and logits.device.type == "cpu":
+                elif (compute_dtype == torch.bfloat16 and logits.device.type == "cpu"
+                      and not torch.compiler.is_compiling()):  # (its data-dependent rows would break the graph)
                     # bf16 on a CPU: the softmax kernel reads the bf16 logits once and writes bf16
                     # probabilities (float32 inside); a float32 log_softmax of the chunk moves several
                     # times the bytes and was most of a CPU bf16 step. A row's loss is -log p_t, read
@@ -376,7 +377,6 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
                     # round a probability to bf16: <= 2**-9 in the log) without its two passes over
                     # the chunk (~5% of the 6-layer step). bf16 has float32's exponent range, so p_t
                     # only underflows for a loss over 87 nats; those rows are recomputed exactly.
-                    target = logits.gather(1, t).squeeze(1).float()  # (n,)
                     probs = torch.ops.aten._softmax.out(logits, -1, False, out=out)  # (n, Vp)
                     p_t = probs.gather(1, t).squeeze(1).float()
                     row_loss = -p_t.log()
@@ -384,7 +384,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
                     if low.numel():  # (a host read: a CPU-only path)
                         redo = (x_s[low] @ wc.t()).float()
                         redo[:, vocab_size:] = float("-inf")
-                        row_loss[low] = redo.logsumexp(-1) - target[low]
+                        row_loss[low] = redo.logsumexp(-1) - redo.gather(1, t[low]).squeeze(1)
                 else:
                     # Other 16-bit cases (float16, whose tiny exponent range would underflow p_t at
                     # ~10 nats; any GPU, where a host read would synchronise): log-sum-exp = max logit
