@@ -196,7 +196,7 @@ def test_narrow_rungs_train_in_float32_where_auto_would_pick_bf16_on_a_cpu():
 
     bf16_cpu = dataclasses.replace(_rt(), dtype=torch.bfloat16)
     cfg = load_config(None, ["model.preset=auto", "train.max_steps=none", "train.max_time=60", "train.dtype=auto"])
-    narrow, wide = auto.RUNGS[1], auto.RUNGS[3]
+    narrow, wide = auto.RUNGS[0], auto.RUNGS[1]  # a1 (64 wide), a2 (128)
     assert auto.runtime_for(narrow, cfg, bf16_cpu).dtype == torch.float32
     assert auto.runtime_for(wide, cfg, bf16_cpu).dtype == torch.bfloat16
     asked = load_config(None, ["model.preset=auto", "train.max_steps=none", "train.max_time=60",

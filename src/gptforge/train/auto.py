@@ -21,7 +21,7 @@ measurement's seconds count in the budget. The recipe around the shape is the on
 were tuned with: Muon on the blocks' matrices, AdamW on the rest at an LR that scales as 1/width, a
 warmup-stable-decay schedule with a 30% cool-down, dropout 0.05 (none on the attention weights) once
 the run would see its training text more than DROPOUT_PASSES times, the exact GELU (model.activation = "gelu": cheaper than GPT-2's
-tanh form on a CPU), and float32 for rungs up to 128 wide on a CPU where train.dtype = "auto" would
+tanh form on a CPU), and float32 for rungs up to 64 wide on a CPU where train.dtype = "auto" would
 pick bf16 (per-op overhead dominates there; bf16 gains nothing).
 """
 
@@ -53,9 +53,10 @@ MEASURE_FRACTION = 0.05
 # Of the budget left after measuring, the share expected to go to updates (evaluations take the rest).
 TRAINING_SHARE = 0.93
 # On a CPU with bf16 matmuls, train.dtype = "auto" would pick bf16; at this width and below per-op
-# overhead dominates and float32 is as fast or faster (the char recipes' finding), so auto trains those
-# rungs in float32.
-CPU_FLOAT32_WIDTH = 128
+# overhead dominates and float32 is as fast (a1's update: 15.5 against 14.6-17.9 ms on the Intel Xeon of
+# docs/benchmarks.md), so auto trains those rungs in float32. At 128 wide (a2) bf16's update is 1.3-1.4x
+# float32's since attention's backward runs in the float32 flash kernel (it was no faster before).
+CPU_FLOAT32_WIDTH = 64
 # Dropout DROPOUT on the embeddings and residual paths, none on the attention weights (that keeps a CPU's
 # attention in the flash kernel), once the run would see its training text more than DROPOUT_PASSES
 # times (counted at the speed measured without dropout). From a2's 10-minute runs (docs/auto.md): side by
