@@ -206,7 +206,11 @@ def main() -> None:
         print(f"  -> {r['seconds']} s, {r['tokens_per_s']:,} tokens/s, val loss {r['val_loss_exact']:.4f} exact "
               f"({r['val_loss_estimate']:.4f} estimated), stopped by {r['stopped_by']}", flush=True)
         results.append(r)
-    if args.no_write:
+    command = ("python benchmarks/time_to_loss.py" + (f" --threads {args.threads}" if args.threads else "")
+               + (" --nanogpt NANOGPT_CHECKOUT" if nano else "") + " --configs " + " ".join(args.configs))
+    section = table(results, machine, command, nano)
+    if args.no_write:  # the section it would have written
+        print(section.split("\n\nValidation loss by seconds")[0])
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / "time_to_loss.jsonl", "w", encoding="utf-8") as f:
@@ -217,9 +221,7 @@ def main() -> None:
             for p in r["curve"]:
                 f.write(json.dumps(p | {"kind": "eval"}) + "\n")
     plot(results, RESULTS / "time_to_loss.png")
-    command = ("python benchmarks/time_to_loss.py" + (f" --threads {args.threads}" if args.threads else "")
-               + (" --nanogpt NANOGPT_CHECKOUT" if nano else "") + " --configs " + " ".join(args.configs))
-    update_section(REPO / "docs" / "benchmarks.md", "bench:time_to_loss", table(results, machine, command, nano))
+    update_section(REPO / "docs" / "benchmarks.md", "bench:time_to_loss", section)
     print(f"wrote {RESULTS / 'time_to_loss.png'}, {RESULTS / 'time_to_loss.jsonl'} and docs/benchmarks.md")
 
 
