@@ -198,9 +198,10 @@ def cpu_keep_mask(shape: torch.Size, dropped: int) -> torch.Tensor:
 class _CPUBf16CausalAttention(torch.autograd.Function):
     """Causal flash attention of bf16 q, k, v on a CPU: torch's bf16 flash kernel forward, its float32
     kernel backward (from the bf16 forward's output and log-sum-exp). On the Intel Xeon of
-    docs/benchmarks.md the bf16 backward kernel ran ~2x slower than the float32 one on the same
-    shapes, the casts cost little (q, k, v are B*T*C each), and the float32 gradients are no less
-    precise. The same function as F.scaled_dot_product_attention(q, k, v, is_causal=True)."""
+    docs/benchmarks.md the bf16 backward kernel ran 1.1x (context 256) to 4x (context 64) slower than
+    the float32 one on the same shapes, the casts cost little (q, k, v are B*T*C each), and the float32
+    gradients are no less precise. The same function as F.scaled_dot_product_attention(q, k, v,
+    is_causal=True)."""
 
     @staticmethod
     def forward(ctx, q, k, v):
