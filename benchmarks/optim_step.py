@@ -4,14 +4,16 @@ second of the whole training step, alternating in one process, and a profile of 
     python benchmarks/optim_step.py                      # writes docs/benchmarks.md's bench:optim_step
     python benchmarks/optim_step.py --rounds 3 --steps 5 --no-write
     python benchmarks/optim_step.py --threads 1 --clock cpu  # on a shared machine: CPU seconds, one thread
+    python benchmarks/optim_step.py --dtype bfloat16 --no-write  # under bf16 autocast, as the recipe trains
+                                                                 # where the CPU has bf16 matmuls
 
 The model, batch and optimizer settings are configs/tinyshakespeare-char.toml's (4 layers, 4 heads,
-128 wide, context 64, batch 32, float32; Tiny Shakespeare's 65 characters). Three optimizers, each with
+128 wide, context 64, batch 32; float32 unless --dtype; Tiny Shakespeare's 65 characters). Three optimizers, each with
 its own copy of the same initial model, take turns (a round of `--steps` steps each, `--rounds` times):
 - `adamw`: the recipe with optim.name = "adamw" (fused AdamW on every parameter);
 - `muon`: the recipe as it is (gptforge's batched Muon on the blocks' matrices, fused AdamW on the rest);
 - `torch muon`: the same pair with PyTorch's own torch.optim.Muon, what optim.name = "muon" used before.
-The step is the trainer's for float32 (forward, backward, clipping at optim.grad_clip, a skip flag on
+The step is the trainer's (forward, backward, clipping at optim.grad_clip, a skip flag on
 non-finite loss or norm: handed to the optimizer as found_inf where it takes one, else read back).
 On a machine that other work shares, wall time with two threads measures the others (a thread that is
 descheduled holds up every parallel region); `--threads 1 --clock cpu` counts this process's CPU seconds.
@@ -65,9 +67,10 @@ def update(opt, bad: torch.Tensor) -> None:
         opt.step()
 
 
-def make_step(model, opt, x, y, grad_clip: float):
+def make_step(model, opt, x, y, grad_clip: float, dtype: torch.dtype = torch.float32):
     def step():
-        _, loss = model(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            _, loss = model(x, y)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         update(opt, ~(torch.isfinite(loss) & torch.isfinite(norm)))
@@ -122,8 +125,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: perf_counter; cpu: this process's CPU time (all its threads)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the step's precision: bfloat16 runs the forward under bf16 autocast, as the recipe "
+                             "does where the CPU multiplies bf16 natively")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
@@ -139,7 +146,7 @@ def main() -> None:
     steps, opts = {}, {}
     for name in names:
         model, opt = build(name, model_cfg, cfg.optim)
-        steps[name] = make_step(model, opt, x, y, cfg.optim.grad_clip)
+        steps[name] = make_step(model, opt, x, y, cfg.optim.grad_clip, dtype)
         opts[name] = (model, opt)
         for _ in range(3):  # warm-up: allocator, oneDNN primitives, optimizer state
             steps[name]()
@@ -148,7 +155,8 @@ def main() -> None:
     opt_times: dict[str, list[float]] = {n: [] for n in names}
     for name in names:
         model, _ = opts[name]
-        _, loss = model(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            _, loss = model(x, y)
         loss.backward()
     ok = torch.zeros((), dtype=torch.bool)
     for r in range(args.rounds * 2):
@@ -163,9 +171,10 @@ def main() -> None:
     best = {n: min(times[n]) for n in names}
     lines = ["## Muon against AdamW on nanoGPT's CPU shape (CPU)", "",
              f"`python benchmarks/optim_step.py --rounds {args.rounds} --steps {args.steps}"
-             + (f" --threads {args.threads}" if args.threads else "") + f" --clock {args.clock}`: "
+             + (f" --threads {args.threads}" if args.threads else "") + f" --clock {args.clock}"
+             + (f" --dtype {args.dtype}" if args.dtype != "float32" else "") + "`: "
              "configs/tinyshakespeare-char.toml's model and batch (4 layers, 128 wide, context 64, batch 32 = "
-             f"{chars:,} characters per update, float32), the trainer's float32 step (forward, backward, clipping, "
+             f"{chars:,} characters per update, {args.dtype}), the trainer's {args.dtype} step (forward, backward, clipping, "
              "the skip flag), three optimizers with the same initial model taking turns in one process "
              f"({args.rounds} rounds of {args.steps} steps each). `torch muon` is PyTorch's torch.optim.Muon in "
              "the same pair, what `optim.name = \"muon\"` ran before train/muon.py. "
