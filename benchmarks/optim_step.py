@@ -67,10 +67,15 @@ def update(opt, bad: torch.Tensor) -> None:
         opt.step()
 
 
+def loss_of(model, x, y, dtype: torch.dtype) -> torch.Tensor:
+    """The model's training loss, under bf16 autocast when `dtype` is bfloat16 (the trainer's CPU bf16 path)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        return model(x, y)[1]
+
+
 def make_step(model, opt, x, y, grad_clip: float, dtype: torch.dtype = torch.float32):
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            _, loss = model(x, y)
+        loss = loss_of(model, x, y, dtype)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         update(opt, ~(torch.isfinite(loss) & torch.isfinite(norm)))
@@ -155,9 +160,7 @@ def main() -> None:
     opt_times: dict[str, list[float]] = {n: [] for n in names}
     for name in names:
         model, _ = opts[name]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            _, loss = model(x, y)
-        loss.backward()
+        loss_of(model, x, y, dtype).backward()
     ok = torch.zeros((), dtype=torch.bool)
     for r in range(args.rounds * 2):
         for name in names if r % 2 == 0 else names[::-1]:
