@@ -8,12 +8,22 @@ side by side with nanoGPT's CPU recipe (its model and hyperparameters in gptforg
     python benchmarks/time_to_loss.py --nanogpt /tmp/nanogpt --configs auto:30 configs/tinyshakespeare-char-30s.toml
                                         # nanoGPT's own train.py first (a checkout with data/shakespeare_char
                                         # prepared), then model.preset=auto with a 30-s budget and a recipe
+    python benchmarks/time_to_loss.py --nanogpt /tmp/nanogpt --pairs 4 --configs
+                                        # only the step-speed comparison, printed: nanoGPT's train.py and
+                                        # configs/nanogpt-cpu-char.toml in turn, 4 times, the order alternating
 
 Each recipe is trained as is (its own evaluation points, its own time budget) into runs/time-to-loss/.
 At every evaluation the trainer's clock is read: the seconds of training so far, which include the
 earlier evaluations and the first step's warm-up but not data preparation or model construction. The
 final model is then scored exactly over the whole validation split (gptforge eval's float32 path),
 next to the trainer's estimate from `eval_batches` random windows.
+
+With `--nanogpt DIR --pairs N`, nanoGPT's own train.py and configs/nanogpt-cpu-char.toml (its recipe in
+gptforge) are also run in turn N times, nanoGPT first in odd pairs and second in even ones, and each
+pair's ratio of training-step speeds is reported with their median: a machine whose speed drifts within
+the hour (these do, by up to 2x) then favours neither. Both run with the same allocator settings
+(gptforge's trainer keeps freed memory, `gptforge.runtime.keep_freed_memory`; nanoGPT's process is given
+the same through GLIBC_TUNABLES), so the comparison is of the computation, not of glibc's defaults.
 
 For each recipe it reports the seconds of training at which the validation loss first reached 1.886
 (nanoGPT's recipe's own result), from the evaluations along the way. Writes docs/results/time_to_loss.jsonl
@@ -48,6 +58,10 @@ DEFAULT_CONFIGS = ["configs/nanogpt-cpu-char.toml", "configs/tinyshakespeare-cha
                    "configs/tinyshakespeare-char.toml", "configs/tinyshakespeare-char-10min.toml"]
 RESULTS = REPO / "docs" / "results"
 TARGET_LOSS = 1.886  # nanoGPT's CPU shakespeare_char recipe: val 1.8857 after 94 s (../shared/NOTES.md)
+NANOGPT_RECIPE = "configs/nanogpt-cpu-char.toml"  # nanoGPT's CPU char recipe in gptforge's trainer
+# What gptforge.runtime.keep_freed_memory asks of glibc (no mmap'd blocks, no trimming), as glibc's
+# tunables for nanoGPT's subprocess: both processes then reuse freed memory the same way.
+SAME_ALLOCATOR = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
 
 
 def auto_config(seconds: float, overrides: list[str]):
@@ -69,7 +83,7 @@ def run_nanogpt(checkout: Path) -> dict:
            "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4",
            "--n_head=4", "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0",
            "--out_dir=out-time-to-loss", "--always_save_checkpoint=False"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "GLIBC_TUNABLES": SAME_ALLOCATOR}
     load = os.getloadavg()[0]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
@@ -129,6 +143,36 @@ def run_recipe(config_path: str, out_root: Path, overrides: list[str]) -> dict:
             "curve": curve}
 
 
+def speed_pair(checkout: Path, out_root: Path, overrides: list[str], nanogpt_first: bool) -> dict:
+    """nanoGPT's train.py and its recipe in gptforge, one after the other: their training steps' speeds
+    (median tokens/s, evaluations left out) and the ratio."""
+    order = ["nanogpt", "gptforge"] if nanogpt_first else ["gptforge", "nanogpt"]
+    pair: dict = {"order": order}
+    for who in order:
+        print(f"pair: {who}", flush=True)
+        if who == "nanogpt":
+            pair["nanogpt"] = run_nanogpt(checkout)["train_tokens_per_s"]
+        else:
+            pair["gptforge"] = run_recipe(NANOGPT_RECIPE, out_root, overrides)["train_tokens_per_s"]
+    pair["ratio"] = pair["gptforge"] / pair["nanogpt"]
+    print(f"  -> gptforge {pair['gptforge']:,} tokens/s, nanoGPT {pair['nanogpt']:,}: {pair['ratio']:.2f}x", flush=True)
+    return pair
+
+
+def pairs_table(pairs: list[dict]) -> str:
+    """Each pair's step speeds and ratio, and the median ratio."""
+    lines = [f"nanoGPT's CPU char recipe (batch 12 x 64, AdamW, float32): its own `train.py` and `{NANOGPT_RECIPE}` "
+             "in turn, the order alternating; training-step tokens/s (the median iteration, evaluations left out), "
+             "both processes keeping freed memory:", "",
+             "| pair | first | nanoGPT tokens/s | gptforge tokens/s | gptforge / nanoGPT |", "|---:|---|---:|---:|---:|"]
+    for i, p in enumerate(pairs, 1):
+        lines.append(f"| {i} | {p['order'][0]} | {p['nanogpt']:,} | {p['gptforge']:,} | {p['ratio']:.2f}x |")
+    ratios = [p["ratio"] for p in pairs]
+    lines += ["", f"Median of the {len(pairs)} pairs: **{statistics.median(ratios):.2f}x** "
+              f"(range {min(ratios):.2f}-{max(ratios):.2f}x)."]
+    return "\n".join(lines)
+
+
 def plot(results: list[dict], path: Path) -> None:
     """The runs' validation curves against seconds, overlaid: what `gptforge plot RUN... --x seconds` draws."""
     from gptforge.plot import plot_runs
@@ -178,7 +222,8 @@ def table(results: list[dict], machine: str, command: str, nano: dict | None = N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="recipes to run, in order")
+    parser.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS,
+                        help="recipes to run, in order (none, with --pairs: only the pairs, printed)")
     parser.add_argument("--override", nargs="*", default=[], help="section.key=value for every recipe")
     parser.add_argument("--out", default="runs/time-to-loss", help="directory for the runs")
     parser.add_argument("--threads", type=int, default=None,
@@ -187,7 +232,14 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ untouched")
     parser.add_argument("--nanogpt", default=None, metavar="DIR",
                         help="also run nanoGPT's own train.py from this checkout first (its data prepared)")
+    parser.add_argument("--pairs", type=int, default=0, metavar="N",
+                        help=f"with --nanogpt: also run nanoGPT's train.py and {NANOGPT_RECIPE} in turn N times "
+                             "(the order alternating) and report the step-speed ratio of each pair")
     args = parser.parse_args()
+    if args.pairs and not args.nanogpt:
+        parser.error("--pairs needs --nanogpt DIR (a nanoGPT checkout with data/shakespeare_char prepared)")
+    if not args.configs and not args.pairs:
+        parser.error("give --configs one or more recipes, or --pairs N")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -195,10 +247,15 @@ def main() -> None:
     machine = machine_summary(torch.device("cpu"))
     print(machine, flush=True)
     nano = None
-    if args.nanogpt:
+    if args.nanogpt and args.configs:  # beside the recipes (the pairs run it again themselves)
         print("nanoGPT train.py:", flush=True)
         nano = run_nanogpt(Path(args.nanogpt))
         print(f"  -> {nano['wall_s']} s of wall time, val loss {nano['val_loss']:.4f} (its estimate)", flush=True)
+    pairs = [speed_pair(Path(args.nanogpt), Path(args.out), args.override, nanogpt_first=i % 2 == 0)
+             for i in range(args.pairs)]
+    if not args.configs:  # only the pairs: docs/benchmarks.md's section holds the recipes too, so it is left as is
+        print("\n" + pairs_table(pairs))
+        return
     results = []
     for path in args.configs:
         print(f"{path}:", flush=True)
@@ -207,10 +264,13 @@ def main() -> None:
               f"({r['val_loss_estimate']:.4f} estimated), stopped by {r['stopped_by']}", flush=True)
         results.append(r)
     command = ("python benchmarks/time_to_loss.py" + (f" --threads {args.threads}" if args.threads else "")
-               + (" --nanogpt NANOGPT_CHECKOUT" if nano else "") + " --configs " + " ".join(args.configs))
-    section = table(results, machine, command, nano)
+               + (" --nanogpt NANOGPT_CHECKOUT" if nano or pairs else "")
+               + (f" --pairs {args.pairs}" if pairs else "") + " --configs " + " ".join(args.configs))
+    section = table(results, machine, command, nano) + (("\n\n" + pairs_table(pairs)) if pairs else "")
     if args.no_write:  # the section it would have written
         print(section.split("\n\nValidation loss by seconds")[0])
+        if pairs:
+            print("\n" + pairs_table(pairs))
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / "time_to_loss.jsonl", "w", encoding="utf-8") as f:
