@@ -166,3 +166,16 @@ def test_the_time_schedule_after_its_warm_up_and_without_one():
             schedule, 0.1 + 0.45 * (1 + math.cos(math.pi * 0.1))))
         no_warmup = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=0, schedule=schedule, cooldown_fraction=0.25)
         assert lr_at_time(0, 0.0, no_warmup) == 1.0  # the first update at the peak
+
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_optim_eps_is_the_epsilon_of_the_adamw_that_updates_the_embedding(name):
+    """The GPT-2-token recipe sets optim.eps = 1e-5 for the embedding rows of tokens its text never
+    contains (docs/results.md): it must reach the AdamW that steps the embedding, alone or in Muon's pair."""
+    model = GPT.from_preset("tiny", n_layer=1, vocab_size=50)
+    opt = configure_optimizer(model, OptimConfig(name=name, lr=1e-2, eps=1e-5), torch.device("cpu"))
+    adamw = opt.adamw if name == "muon" else opt
+    wte = model.transformer.wte.weight
+    (group,) = [g for g in adamw.param_groups if any(p is wte for p in g["params"])]
+    assert group["eps"] == 1e-5
