@@ -21,9 +21,10 @@ next to the trainer's estimate from `eval_batches` random windows.
 With `--nanogpt DIR --pairs N`, nanoGPT's own train.py and configs/nanogpt-cpu-char.toml (its recipe in
 gptforge) are also run in turn N times, nanoGPT first in odd pairs and second in even ones, and each
 pair's ratio of training-step speeds is reported with their median: a machine whose speed drifts within
-the hour (these do, by up to 2x) then favours neither. Both run with the same allocator settings
-(gptforge's trainer keeps freed memory, `gptforge.runtime.keep_freed_memory`; nanoGPT's process is given
-the same through GLIBC_TUNABLES), so the comparison is of the computation, not of glibc's defaults.
+the hour (these do, by up to 2x) then favours neither. nanoGPT's process, in pairs or not, runs with the
+allocator settings of gptforge's trainer (which keeps freed memory, `gptforge.runtime.keep_freed_memory`;
+nanoGPT's process is given the same through GLIBC_TUNABLES), so the comparison is of the computation, not
+of glibc's defaults (until 2026-12-01 nanoGPT ran on glibc's defaults).
 
 For each recipe it reports the seconds of training at which the validation loss first reached 1.886
 (nanoGPT's recipe's own result), from the evaluations along the way. Writes docs/results/time_to_loss.jsonl
