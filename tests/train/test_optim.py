@@ -168,7 +168,6 @@ def test_the_time_schedule_after_its_warm_up_and_without_one():
         assert lr_at_time(0, 0.0, no_warmup) == 1.0  # the first update at the peak
 
 
-
 @pytest.mark.parametrize("name", ["adamw", "muon"])
 def test_optim_eps_is_the_epsilon_of_the_adamw_that_updates_the_embedding(name):
     """The GPT-2-token recipe sets optim.eps = 1e-5 for the embedding rows of tokens its text never
