@@ -5,6 +5,8 @@ and the `mini`, `small` and `base` presets (each in auto's recipe: Muon + wsd, t
     python benchmarks/auto_sweep.py                                  # 2 corpora x 2 tokenizers x 30 s, 90 s
     python benchmarks/auto_sweep.py --budgets 30 --corpora python --tokenizers char --no-write
     python benchmarks/auto_sweep.py --rungs                          # also every ladder rung (the rule's sweep)
+    python benchmarks/auto_sweep.py --budgets 600 3600 --corpora python --tokenizers char --jobs 4
+                                     # a cell's configs side by side: 4 processes of one thread each
 
 Corpora: Tiny Shakespeare (what the CPU recipes were tuned on) and ~2 MB of Python source gathered
 from this Python's own standard library (code, a kind of text nothing was tuned on; made on the
@@ -13,6 +15,12 @@ table between the `<!-- bench:auto -->` markers of docs/auto.md and docs/results
 (validation loss of each shape against the budget, per corpus and tokenizer), with the machine.
 Losses: mean cross-entropy in nats per token on the whole validation split (float32); bits per byte
 beside it where the tokenizer knows its tokens' bytes.
+
+With `--jobs N` the configs of one cell (corpus x tokenizer x budget) train N at a time, each in its
+own process with one thread, started together: every config of a cell gets the same share of the
+machine, so a cell compares like with like even when it does not compare with runs made alone (auto
+measures the speed it gets, and so picks for a machine that N runs share). Long budgets need it: four
+configs of an hour take an hour, not four.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
 import time
@@ -101,9 +110,35 @@ def run_one(name: str, corpus: str, tokenizer: str, budget: float, out_root: Pat
     return row
 
 
+def run_side_by_side(names: list[str], corpus: str, tokenizer: str, budget: float, out_root: Path,
+                     jobs: int) -> list[dict]:
+    """`names` trained `jobs` at a time, each by this script in its own process with one thread."""
+    rows: list[dict] = []
+    for i in range(0, len(names), jobs):
+        procs = []
+        for name in names[i:i + jobs]:
+            cmd = [sys.executable, __file__, "--budgets", str(budget), "--corpora", corpus, "--tokenizers",
+                   tokenizer, "--configs", name, "--threads", "1", "--out", str(out_root), "--no-write"]
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            log = out_root / f"{Path(corpus).stem}-{tokenizer}-{int(budget)}s-{name}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "w") as f:  # a file, not a pipe: a long run's output never blocks it
+                procs.append((name, log, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)))
+        for name, log, proc in procs:
+            proc.wait()
+            found = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+            if proc.returncode != 0 or len(found) != 1:
+                raise SystemExit(f"the {name} run of {Path(corpus).stem}/{tokenizer}/{budget:g} s failed "
+                                 f"(exit {proc.returncode}); its output is in {log}")
+            print(json.dumps(found[0]), flush=True)
+            found[0]["side_by_side"] = len(procs)
+            rows.append(found[0])
+    return rows
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| corpus | tokenizer | budget | config | shape | updates | tokens | val loss (exact) | best? |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| corpus | tokenizer | budget | config | runs at once | shape | updates | tokens | val loss (exact) | best? |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
         cells.setdefault((r["corpus"], r["tokenizer"], r["budget_s"]), []).append(r)
@@ -111,7 +146,8 @@ def table(rows: list[dict]) -> str:
         best = min(g["val_loss"] for g in group)
         for r in group:
             gap = "**best**" if r["val_loss"] == best else f"+{r['val_loss'] - best:.3f}"
-            lines.append(f"| {r['corpus']} | {r['tokenizer']} | {r['budget_s']:.0f} s | {r['config']} | {r['rung']} | "
+            lines.append(f"| {r['corpus']} | {r['tokenizer']} | {r['budget_s']:.0f} s | {r['config']} | "
+                         f"{r.get('side_by_side', 1)} | {r['rung']} | "
                          f"{r['steps']:,} | {r['tokens']:,} | {r['val_loss']:.4f} | {gap} |")
     return "\n".join(lines)
 
@@ -149,6 +185,8 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=["auto", "mini", "small", "base"])
     ap.add_argument("--rungs", action="store_true", help="also train every ladder rung up to a5")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="train a cell's configs this many at a time, one thread each (default 1: in turn)")
     ap.add_argument("--out", default=str(REPO / "runs" / "auto-sweep"))
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--from-jsonl", nargs="+", default=None, metavar="FILE",
@@ -157,9 +195,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out_root = Path(args.out)
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs {args.jobs}: give 1 or more")
     corpora = {"tinyshakespeare": "tinyshakespeare"}
     if "python" in args.corpora and not args.from_jsonl:
         corpora["python"] = str(python_corpus(out_root / "corpora" / "python-stdlib.txt"))
+    corpora.update({c: c for c in args.corpora if c not in corpora and Path(c).is_file()})  # a file made earlier
     rows = []
     if args.from_jsonl:
         rows = [json.loads(line) for f in args.from_jsonl for line in Path(f).read_text().splitlines() if line]
@@ -168,6 +209,9 @@ def main() -> None:
         for tok in args.tokenizers:
             for budget in args.budgets:
                 names = list(args.configs) + ([r.name for r in auto.RUNGS[:5]] if args.rungs else [])
+                if args.jobs > 1:
+                    rows += run_side_by_side(names, corpora[corpus], tok, budget, out_root, args.jobs)
+                    continue
                 for name in names:
                     rung = (None if name == "auto" else PRESET_RUNGS.get(name)
                             or next(r for r in auto.RUNGS if r.name == name))
