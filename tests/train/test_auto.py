@@ -96,6 +96,57 @@ def test_the_rule_picks_the_winners_of_the_side_by_side_runs_it_was_derived_from
     assert auto.choose_for_budget(cfg, _Data(1_000_000, 100_000), _rt(), clock=clock).rung.name == expected
 
 
+@pytest.mark.parametrize("a2_speed, context", [(10_000, 64), (16_000, 128)])
+def test_a_short_context_doubles_once_the_run_still_makes_a_thousand_updates_with_it(monkeypatch, a2_speed,
+                                                                                     context):
+    """a2 (context 64, 32 sequences) for 300 s: at 10k tokens/s the doubled context would give ~680
+    updates of 4,096 tokens (fewer than 1,000: it stays 64); at 16k, ~1,090 (it takes 128). The rung,
+    batch and dropout are the same either way, and the config holds the context it trains with."""
+    clock = _Clock()
+    _fake_measure(monkeypatch, clock, dict(SPEEDS, a1=10**9, a2=a2_speed, a3=1.0), seconds=0.0)
+    cfg = load_config(None, ["model.preset=auto", "train.max_steps=none", "train.max_time=300"])
+    choice = auto.choose_for_budget(cfg, _Data(1_000_000, 100_000), _rt(), clock=clock)
+    m = next(x for x in choice.measured if x.rung.name == "a2")
+    updates = m.tokens / (32 * auto.LONG_CONTEXT)
+    assert (updates >= auto.LONG_CONTEXT_UPDATES) == (context == 128)
+    assert choice.rung.name == "a2" and choice.rung.block_size == context == choice.event()["block_size"]
+    assert (choice.config.model.block_size, choice.config.train.batch_size) == (context, 32)
+    # A validation split shorter than the long context keeps the short one.
+    choice = auto.choose_for_budget(cfg, _Data(1_000_000, 100), _rt(), clock=clock)
+    assert choice.rung.block_size == 64
+
+
+def test_under_ddp_every_rank_takes_rank_0s_shape_context_and_dropout(monkeypatch):
+    """Rank 0 measures and decides; a rank that measured nothing must take the same rung, context and
+    dropout from the all-reduce, not decide them from its own (empty) measurements."""
+    import dataclasses
+
+    import torch
+
+    clock = _Clock()
+    n_train = 1_000_000
+    speeds = dict(SPEEDS, a1=10**9, a2=40_000, a3=1.0)  # a2 with a long context and 9+ passes: dropout
+    _fake_measure(monkeypatch, clock, speeds, seconds=0.0)
+    cfg = load_config(None, ["model.preset=auto", "train.max_steps=none", "train.max_time=300"])
+    rank0 = auto.choose_for_budget(cfg, _Data(n_train, 100_000), _rt(), clock=clock)
+    assert rank0.rung.block_size == 128 and rank0.config.model.dropout == auto.DROPOUT
+
+    sent = {}
+
+    class _Rank1(type(_rt())):
+        def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+            sent["rank1"] = t.tolist()  # what this rank adds: nothing
+            index = [r.name for r in auto.RUNGS].index(rank0.rung.name)
+            return t + torch.tensor([float(index), 1.0, 1.0], dtype=t.dtype)  # rank 0's part of the sum
+
+    rank1 = _Rank1(**{f.name: getattr(_rt(), f.name) for f in dataclasses.fields(_rt())})
+    rank1 = dataclasses.replace(rank1, rank=1, world_size=2)
+    choice = auto.choose_for_budget(cfg, _Data(n_train, 100_000), rank1, clock=clock)
+    assert sent["rank1"] == [0.0, 0.0, 0.0] and choice.measured == []
+    assert (choice.rung.name, choice.rung.block_size, choice.config.model.dropout) == (
+        rank0.rung.name, 128, auto.DROPOUT)
+
+
 def test_bigger_rungs_need_more_tokens_per_parameter_up_to_chinchillas_20():
     need = [auto.tokens_per_param_needed(12 * r.n_layer * r.n_embd ** 2) for r in auto.RUNGS]
     assert need == sorted(need) and need[1] == pytest.approx(2.0 * 0.786432) and need[-1] == 20.0
@@ -160,10 +211,11 @@ def test_an_auto_run_measures_chooses_saves_and_resumes_without_auto(tiny_config
     event = next(e for e in read_metrics(run, "event") if e["event"] == "auto")
     rung = next(r for r in auto.RUNGS if r.name == event["rung"])
     assert event["seconds"] > 0 and rung.name in event["measured"]
+    assert event["block_size"] in (rung.block_size, auto.LONG_CONTEXT)
     saved = resume_config(run)
     assert saved.model.preset != "auto"
     assert (saved.model.n_layer, saved.model.n_embd, saved.model.block_size, saved.train.batch_size) == (
-        rung.n_layer, rung.n_embd, rung.block_size, rung.batch_size)
+        rung.n_layer, rung.n_embd, event["block_size"], rung.batch_size)
     assert saved.model.activation == auto.ACTIVATION == "gelu"
     assert json.loads((run / "checkpoints" / "latest" / "model_config.json").read_text())["activation"] == "gelu"
     assert "model.preset = 'auto' chose rung" in (run / "config.toml").read_text()

@@ -17,7 +17,9 @@ behind the rule put the switch from one rung to the next at a few tokens per par
 out for bigger rungs (a2 is worth it from ~1.6 tokens per parameter, a3 not yet at 2.8). Each rung is
 measured for a few updates (its first, a warm-up, untimed), so its speed includes the per-step
 overheads that dominate small models and the LM head that dominates a large vocabulary; the
-measurement's seconds count in the budget. The recipe around the shape is the one the CPU recipes
+measurement's seconds count in the budget. A rung of context 64 (a1, a2) takes a context of 128 once
+the run would still make 1,000 updates with it (LONG_CONTEXT): long runs gain more from the context
+than from the updates it costs. The recipe around the shape is the one the CPU recipes
 were tuned with: Muon on the blocks' matrices, AdamW on the rest at an LR that scales as 1/width, a
 warmup-stable-decay schedule with a 30% cool-down, dropout 0.05 (none on the attention weights) once
 the run would see its training text more than DROPOUT_PASSES times, the exact GELU (model.activation = "gelu": cheaper than GPT-2's
@@ -66,6 +68,16 @@ CPU_FLOAT32_WIDTH = 64
 # runs on each side: the threshold lies somewhere between 4.6 and ~11.5.
 DROPOUT_PASSES = 8
 DROPOUT = 0.05
+# A rung of a shorter context (a1, a2: 64 tokens) trains with LONG_CONTEXT tokens of it, the same sequences
+# per batch, once the run would still make LONG_CONTEXT_UPDATES updates that way (at the speed measured for
+# the short context: per token the longer one was as fast or faster for a2 in bf16). From a2 given
+# 10 minutes, four runs at once, one thread each (docs/auto.md): context 128 x 32 sequences (1,355 updates)
+# beat 64 x 32 (2,486) on Tiny Shakespeare (1.507 against 1.530) and on Python source (1.169 against
+# 1.258); 128 x 16 (2,048 tokens an update, as 64 x 32) reached 1.515 and 1.172, so the context is most
+# of the gain. Shorter runs keep the short context: the 90-s pairs (~800-1,250 updates of 64 x 32)
+# were won with it and a doubled context would halve their updates.
+LONG_CONTEXT = 128
+LONG_CONTEXT_UPDATES = 1000
 # The exact GELU: the same quality as GPT-2's tanh form, several times cheaper on CPUs whose tanh kernel
 # is slow (the Intel Xeon of docs/benchmarks.md), no dearer elsewhere; Hugging Face's GPT-2 runs it too.
 ACTIVATION = "gelu"
@@ -160,7 +172,7 @@ def choose_for_budget(config: Config, data: Any, rt: Runtime, clock=time.perf_co
         raise GptforgeError(f"the corpus is too short for model.preset = 'auto' (its smallest context is "
                             f"{smallest_context()} tokens); give more text or choose a preset")
     measured: list[Measured] = []
-    index = 0
+    index, longer, dropout = 0, False, False
     if rt.is_main:
         for i, rung in enumerate(fits):
             spent = clock() - start
@@ -173,14 +185,19 @@ def choose_for_budget(config: Config, data: Any, rt: Runtime, clock=time.perf_co
             if i > 0 and m.tokens_per_param < tokens_per_param_needed(m.params):
                 break  # too big for the budget: the previous rung it is
             index = i
-    if rt.distributed:  # rank 0's choice for every rank
-        index = int(rt.all_reduce_sum(torch.tensor([float(index)], dtype=torch.float64,
-                                                   device=rt.device)).item())
+        chosen = measured[index]  # measured in the ladder's order, from its first rung
+        long_fits = LONG_CONTEXT + 1 <= n_train and (n_val is None or LONG_CONTEXT + 1 <= n_val)
+        longer = (fits[index].block_size < LONG_CONTEXT and long_fits and chosen.tokens
+                  / (fits[index].batch_size * LONG_CONTEXT * rt.world_size) >= LONG_CONTEXT_UPDATES)
+        dropout = chosen.tokens / n_train > DROPOUT_PASSES
+    if rt.distributed:  # rank 0's choice for every rank (the others measured nothing: zeros in the sum)
+        index, longer, dropout = (int(v) for v in rt.all_reduce_sum(torch.tensor(
+            [float(index), float(longer), float(dropout)], dtype=torch.float64, device=rt.device)).tolist())
     rung = fits[index]
-    chosen = next((m for m in measured if m.rung == rung), None)
-    epochs = chosen.tokens / n_train if chosen else 0.0
+    if longer:
+        rung = dataclasses.replace(rung, block_size=LONG_CONTEXT)
     seconds = clock() - start
-    chosen_config = apply_rung(config, rung, dropout=DROPOUT if epochs > DROPOUT_PASSES else 0.0)
+    chosen_config = apply_rung(config, rung, dropout=DROPOUT if dropout else 0.0)
     if runtime_for(rung, config, rt).dtype != rt.dtype:
         chosen_config.train.dtype = "float32"
     return AutoChoice(config=chosen_config, rung=rung, measured=measured, seconds=seconds, data=data)
