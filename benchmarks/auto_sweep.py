@@ -99,9 +99,11 @@ def run_one(name: str, corpus: str, tokenizer: str, budget: float, out_root: Pat
     wall = time.perf_counter() - start
     exact = evaluate_run(run, split="val")
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    chosen = next((e["rung"] for e in events if e.get("event") == "auto"), None)
+    chosen = next((e for e in events if e.get("event") == "auto"), None)
     row = {"corpus": Path(corpus).stem, "tokenizer": tokenizer, "budget_s": budget, "config": name,
-           "rung": chosen or name, "steps": result.step, "tokens": result.tokens,
+           "rung": chosen["rung"] if chosen else name,
+           "block_size": chosen["block_size"] if chosen else cfg.model.block_size,
+           "steps": result.step, "tokens": result.tokens,
            "val_loss": exact["loss"], "val_tokens": exact["tokens"], "wall_s": round(wall, 1),
            "load_at_start": round(load, 2)}
     if "bpb" in exact:
@@ -114,6 +116,9 @@ def run_side_by_side(names: list[str], corpus: str, tokenizer: str, budget: floa
                      jobs: int) -> list[dict]:
     """`names` trained `jobs` at a time, each by this script in its own process with one thread."""
     rows: list[dict] = []
+    if len(names) % jobs:
+        raise SystemExit(f"--jobs {jobs} does not divide the {len(names)} configs of a cell: every config "
+                         "of a cell must get the same share of the machine")
     for i in range(0, len(names), jobs):
         procs = []
         for name in names[i:i + jobs]:
@@ -128,10 +133,13 @@ def run_side_by_side(names: list[str], corpus: str, tokenizer: str, budget: floa
             proc.wait()
             found = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
             if proc.returncode != 0 or len(found) != 1:
+                for _, _, other in procs:  # the rest of the cell would compare with nothing
+                    other.kill()
+                    other.wait()
                 raise SystemExit(f"the {name} run of {Path(corpus).stem}/{tokenizer}/{budget:g} s failed "
                                  f"(exit {proc.returncode}); its output is in {log}")
-            print(json.dumps(found[0]), flush=True)
             found[0]["side_by_side"] = len(procs)
+            print(json.dumps(found[0]), flush=True)  # what --from-jsonl reads back
             rows.append(found[0])
     return rows
 
@@ -146,8 +154,9 @@ def table(rows: list[dict]) -> str:
         best = min(g["val_loss"] for g in group)
         for r in group:
             gap = "**best**" if r["val_loss"] == best else f"+{r['val_loss'] - best:.3f}"
+            shape = r["rung"] + (f", context {r['block_size']}" if "block_size" in r else "")
             lines.append(f"| {r['corpus']} | {r['tokenizer']} | {r['budget_s']:.0f} s | {r['config']} | "
-                         f"{r.get('side_by_side', 1)} | {r['rung']} | "
+                         f"{r.get('side_by_side', 1)} | {shape} | "
                          f"{r['steps']:,} | {r['tokens']:,} | {r['val_loss']:.4f} | {gap} |")
     return "\n".join(lines)
 
@@ -224,9 +233,11 @@ def main() -> None:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     plot(rows, RESULTS / "auto_sweep.png")
-    threads = args.threads or torch.get_num_threads()
-    text = (f"Measured on {machine_summary(torch.device('cpu'))}, torch {torch.__version__}, {threads} thread(s); "
-            f"the load average at the start of each run is in docs/results/auto_sweep.jsonl.\n\n" + table(rows))
+    threads = (f"{args.jobs} runs at once, 1 thread each" if args.jobs > 1
+               else f"{args.threads or torch.get_num_threads()} thread(s)")
+    text = (f"Measured on {machine_summary(torch.device('cpu'))}, torch {torch.__version__}, {threads} "
+            "(rows made with --from-jsonl keep their own 'runs at once'); the load average at the start of "
+            "each run is in docs/results/auto_sweep.jsonl.\n\n" + table(rows))
     update_section(DOC, "bench:auto", text)
     if not math.isfinite(min(r["val_loss"] for r in rows)):
         raise SystemExit("a run diverged")

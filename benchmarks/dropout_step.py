@@ -5,7 +5,8 @@ mask, attention dropout off, and no dropout, alternating in one process.
     python benchmarks/dropout_step.py --rounds 3 --steps 5 --no-write
 
 The model, batch and optimizers are configs/tinyshakespeare-char-10min.toml's (4 layers, 4 heads, 128
-wide, context 64, batch 32, float32, Muon on the blocks' matrices and AdamW on the rest), dropout 0.1.
+wide, batch 32, float32, Muon on the blocks' matrices and AdamW on the rest) with the context it had
+when this was measured, 64 (CONTEXT; the recipe's is 128 since 2026-12-01), dropout 0.1.
 Four variants, each with its own copy of the same initial model, take turns (a round of `--steps`
 steps each, `--rounds` times), with the trainer's float32 step (benchmarks/optim_step.py's):
 - `torch nn.Dropout`: torch's own dropout modules (gptforge's before 2026-11-30: a double, two 32-bit
@@ -35,6 +36,7 @@ from gptforge.model import GPT, Dropout, GPTConfig  # noqa: E402
 from gptforge.train.optim import configure_optimizer  # noqa: E402
 
 RECIPE = REPO / "configs" / "tinyshakespeare-char-10min.toml"
+CONTEXT = 64  # the recipe's context when docs/benchmarks.md's table was measured
 VOCAB = 65  # Tiny Shakespeare's characters
 P = 0.1
 
@@ -64,7 +66,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    cfg = load_config(RECIPE)
+    cfg = load_config(RECIPE, [f"model.block_size={CONTEXT}"])
     shape = cfg.model.shape()
     batch, block = cfg.train.batch_size, shape["block_size"]
     machine = machine_summary(torch.device("cpu"))
@@ -88,7 +90,7 @@ def main() -> None:
              f"`python benchmarks/dropout_step.py --rounds {args.rounds} --steps {args.steps}"
              + (f" --threads {args.threads}" if args.threads else "") + "`: "
              f"configs/tinyshakespeare-char-10min.toml's model, batch and optimizers (4 layers, 128 wide, "
-             f"context 64, batch 32 = {chars:,} characters per update, float32, Muon + AdamW), dropout {P}, "
+             f"context {block} (the recipe's is 128 since 2026-12-01), batch 32 = {chars:,} characters per update, float32, Muon + AdamW), dropout {P}, "
              "the trainer's float32 step; four variants with the same initial model take turns in one "
              f"process ({args.rounds} rounds of {args.steps} steps each). `torch nn.Dropout` is what the "
              "model ran before its CPU mask; `attn_dropout = 0` keeps attention in the flash kernel.", "",

@@ -36,10 +36,11 @@ def _fake_measure(monkeypatch, clock: _Clock, tokens_per_s: dict[str, float], se
     calls = []
 
     def measure(rung, config, vocab, data, rt, clk, budget_left, world, allowance):
-        calls.append(rung.name)
+        long = rung.long_block_size == rung.block_size
+        calls.append(rung.name + ("@long" if long else ""))
         clock.now += seconds
         params = 12 * rung.n_layer * rung.n_embd ** 2
-        tps = tokens_per_s[rung.name]
+        tps = tokens_per_s.get(rung.name + "@long", tokens_per_s[rung.name]) if long else tokens_per_s[rung.name]
         return auto.Measured(rung=rung, tokens_per_s=tps, params=params,
                              tokens=tps * (budget_left - seconds) * auto.TRAINING_SHARE, seconds=seconds)
 
@@ -93,58 +94,77 @@ def test_the_rule_picks_the_winners_of_the_side_by_side_runs_it_was_derived_from
     clock = _Clock()
     _fake_measure(monkeypatch, clock, speeds, seconds=0.01)
     cfg = load_config(None, ["model.preset=auto", "train.max_steps=none", f"train.max_time={budget}"])
-    assert auto.choose_for_budget(cfg, _Data(1_000_000, 100_000), _rt(), clock=clock).rung.name == expected
+    rung = auto.choose_for_budget(cfg, _Data(1_000_000, 100_000), _rt(), clock=clock).rung
+    assert rung.name == expected
+    # The 10-minute runs take a2's long context (the side-by-side runs of docs/auto.md's *The context*);
+    # 90 s (~360 updates of 4,096 tokens at these speeds) keeps 64.
+    assert rung.block_size == (128 if budget == 600 else 64)
 
 
-@pytest.mark.parametrize("a2_speed, context", [(10_000, 64), (16_000, 128)])
-def test_a_short_context_doubles_once_the_run_still_makes_a_thousand_updates_with_it(monkeypatch, a2_speed,
-                                                                                     context):
-    """a2 (context 64, 32 sequences) for 300 s: at 10k tokens/s the doubled context would give ~680
-    updates of 4,096 tokens (fewer than 1,000: it stays 64); at 16k, ~1,090 (it takes 128). The rung,
-    batch and dropout are the same either way, and the config holds the context it trains with."""
+@pytest.mark.parametrize("a2_speed, long_speed, context", [(10_000, None, 64), (16_000, None, 128),
+                                                            (16_000, 10_000, 64)])
+def test_a2_takes_its_long_context_once_the_run_still_makes_a_thousand_updates_with_it(monkeypatch, a2_speed,
+                                                                                      long_speed, context):
+    """a2 (context 64, 32 windows) for 300 s: at 10k tokens/s context 128 would give ~680 updates of 4,096
+    tokens (under 1,000: it stays 64, and the long context is not even measured); at 16k, ~1,090 (it
+    takes 128); at 16k for 64 but 10k measured for 128, the long context's own speed decides (64). The
+    rung, batch and dropout are the same either way, and the config holds the context it trains with."""
     clock = _Clock()
-    _fake_measure(monkeypatch, clock, dict(SPEEDS, a1=10**9, a2=a2_speed, a3=1.0), seconds=0.0)
+    speeds = dict(SPEEDS, a1=10**9, a2=a2_speed, a3=1.0)
+    if long_speed:
+        speeds["a2@long"] = long_speed
+    calls = _fake_measure(monkeypatch, clock, speeds, seconds=0.0)
     cfg = load_config(None, ["model.preset=auto", "train.max_steps=none", "train.max_time=300"])
     choice = auto.choose_for_budget(cfg, _Data(1_000_000, 100_000), _rt(), clock=clock)
-    m = next(x for x in choice.measured if x.rung.name == "a2")
-    updates = m.tokens / (32 * auto.LONG_CONTEXT)
-    assert (updates >= auto.LONG_CONTEXT_UPDATES) == (context == 128)
+    assert calls == ["a1", "a2", "a3"] + (["a2@long"] if a2_speed == 16_000 else [])
     assert choice.rung.name == "a2" and choice.rung.block_size == context == choice.event()["block_size"]
     assert (choice.config.model.block_size, choice.config.train.batch_size) == (context, 32)
-    # A validation split shorter than the long context keeps the short one.
-    choice = auto.choose_for_budget(cfg, _Data(1_000_000, 100), _rt(), clock=clock)
-    assert choice.rung.block_size == 64
+    assert ("a2 (context 128)" in choice.event()["measured"]) == ("a2@long" in calls)
+    if context == 128:  # a validation split shorter than the long context keeps the short one
+        calls.clear()
+        choice = auto.choose_for_budget(cfg, _Data(1_000_000, 100), _rt(), clock=clock)
+        assert choice.rung.block_size == 64 and "a2@long" not in calls
 
 
-def test_under_ddp_every_rank_takes_rank_0s_shape_context_and_dropout(monkeypatch):
-    """Rank 0 measures and decides; a rank that measured nothing must take the same rung, context and
-    dropout from the all-reduce, not decide them from its own (empty) measurements."""
-    import dataclasses
+class _Ranks:
+    """Two ranks of a DDP run in one process: rank 0's all-reduce records what it adds, rank 1's adds
+    that to its own (zeros), as a sum over the two would."""
 
-    import torch
+    def __init__(self) -> None:
+        import dataclasses
 
+        import torch
+
+        self.sent: dict[int, list[float]] = {}
+        ranks = self
+
+        class _Rank(type(_rt())):
+            def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+                ranks.sent[self.rank] = t.tolist()
+                return t if self.rank == 0 else t + torch.tensor(ranks.sent[0], dtype=t.dtype)
+
+        base = {f.name: getattr(_rt(), f.name) for f in dataclasses.fields(_rt())}
+        self.rank0 = _Rank(**dict(base, rank=0, world_size=2))
+        self.rank1 = _Rank(**dict(base, rank=1, world_size=2))
+
+
+@pytest.mark.parametrize("a2_speed, context, dropout", [(20_000, 64, 0.0), (32_000, 128, 0.0),
+                                                       (80_000, 128, auto.DROPOUT)])
+def test_under_ddp_every_rank_takes_rank_0s_rung_context_and_dropout(monkeypatch, a2_speed, context, dropout):
+    """Rank 0 measures and decides for 2 ranks (updates count both ranks' windows: at 20k tokens/s
+    a2 would make ~1,360 updates of 4,096 tokens alone but ~680 with two ranks, so it keeps 64); rank 1
+    measured nothing and takes rung, context and dropout from the all-reduce, each on its own (a long
+    context without dropout at 32k: 4.5 passes over the 2M tokens; both at 80k: 11 passes)."""
     clock = _Clock()
-    n_train = 1_000_000
-    speeds = dict(SPEEDS, a1=10**9, a2=40_000, a3=1.0)  # a2 with a long context and 9+ passes: dropout
-    _fake_measure(monkeypatch, clock, speeds, seconds=0.0)
+    calls = _fake_measure(monkeypatch, clock, dict(SPEEDS, a1=10**9, a2=a2_speed, a3=1.0), seconds=0.0)
     cfg = load_config(None, ["model.preset=auto", "train.max_steps=none", "train.max_time=300"])
-    rank0 = auto.choose_for_budget(cfg, _Data(n_train, 100_000), _rt(), clock=clock)
-    assert rank0.rung.block_size == 128 and rank0.config.model.dropout == auto.DROPOUT
-
-    sent = {}
-
-    class _Rank1(type(_rt())):
-        def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-            sent["rank1"] = t.tolist()  # what this rank adds: nothing
-            index = [r.name for r in auto.RUNGS].index(rank0.rung.name)
-            return t + torch.tensor([float(index), 1.0, 1.0], dtype=t.dtype)  # rank 0's part of the sum
-
-    rank1 = _Rank1(**{f.name: getattr(_rt(), f.name) for f in dataclasses.fields(_rt())})
-    rank1 = dataclasses.replace(rank1, rank=1, world_size=2)
-    choice = auto.choose_for_budget(cfg, _Data(n_train, 100_000), rank1, clock=clock)
-    assert sent["rank1"] == [0.0, 0.0, 0.0] and choice.measured == []
-    assert (choice.rung.name, choice.rung.block_size, choice.config.model.dropout) == (
-        rank0.rung.name, 128, auto.DROPOUT)
+    ranks = _Ranks()
+    first = auto.choose_for_budget(cfg, _Data(2_000_000, 100_000), ranks.rank0, clock=clock)
+    calls.clear()
+    second = auto.choose_for_budget(cfg, _Data(2_000_000, 100_000), ranks.rank1, clock=clock)
+    assert calls == [] and second.measured == [] and ranks.sent[1] == [0.0, 0.0, 0.0]
+    for choice in (first, second):
+        assert (choice.rung.name, choice.rung.block_size, choice.config.model.dropout) == ("a2", context, dropout)
 
 
 def test_bigger_rungs_need_more_tokens_per_parameter_up_to_chinchillas_20():
@@ -211,7 +231,7 @@ def test_an_auto_run_measures_chooses_saves_and_resumes_without_auto(tiny_config
     event = next(e for e in read_metrics(run, "event") if e["event"] == "auto")
     rung = next(r for r in auto.RUNGS if r.name == event["rung"])
     assert event["seconds"] > 0 and rung.name in event["measured"]
-    assert event["block_size"] in (rung.block_size, auto.LONG_CONTEXT)
+    assert event["block_size"] in (rung.block_size, rung.long_block_size)
     saved = resume_config(run)
     assert saved.model.preset != "auto"
     assert (saved.model.n_layer, saved.model.n_embd, saved.model.block_size, saved.train.batch_size) == (

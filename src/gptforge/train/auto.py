@@ -17,9 +17,9 @@ behind the rule put the switch from one rung to the next at a few tokens per par
 out for bigger rungs (a2 is worth it from ~1.6 tokens per parameter, a3 not yet at 2.8). Each rung is
 measured for a few updates (its first, a warm-up, untimed), so its speed includes the per-step
 overheads that dominate small models and the LM head that dominates a large vocabulary; the
-measurement's seconds count in the budget. A rung of context 64 (a1, a2) takes a context of 128 once
-the run would still make 1,000 updates with it (LONG_CONTEXT): long runs gain more from the context
-than from the updates it costs. The recipe around the shape is the one the CPU recipes
+measurement's seconds count in the budget. a2 (context 64) takes a context of 128 once the run would
+still make 1,000 updates with it, at the speed measured for it (LONG_CONTEXT_UPDATES): long runs gained
+more from the context than they lost in updates. The recipe around the shape is the one the CPU recipes
 were tuned with: Muon on the blocks' matrices, AdamW on the rest at an LR that scales as 1/width, a
 warmup-stable-decay schedule with a 30% cool-down, dropout 0.05 (none on the attention weights) once
 the run would see its training text more than DROPOUT_PASSES times, the exact GELU (model.activation = "gelu": cheaper than GPT-2's
@@ -68,15 +68,14 @@ CPU_FLOAT32_WIDTH = 64
 # runs on each side: the threshold lies somewhere between 4.6 and ~11.5.
 DROPOUT_PASSES = 8
 DROPOUT = 0.05
-# A rung of a shorter context (a1, a2: 64 tokens) trains with LONG_CONTEXT tokens of it, the same sequences
-# per batch, once the run would still make LONG_CONTEXT_UPDATES updates that way (at the speed measured for
-# the short context: per token the longer one was as fast or faster for a2 in bf16). From a2 given
-# 10 minutes, four runs at once, one thread each (docs/auto.md): context 128 x 32 sequences (1,355 updates)
-# beat 64 x 32 (2,486) on Tiny Shakespeare (1.507 against 1.530) and on Python source (1.169 against
-# 1.258); 128 x 16 (2,048 tokens an update, as 64 x 32) reached 1.515 and 1.172, so the context is most
-# of the gain. Shorter runs keep the short context: the 90-s pairs (~800-1,250 updates of 64 x 32)
-# were won with it and a doubled context would halve their updates.
-LONG_CONTEXT = 128
+# a2 (context 64) trains with its long_block_size, 128, the same windows per update, once the run would
+# still make LONG_CONTEXT_UPDATES updates that way at the speed measured for it (auto measures the longer
+# context too when the shorter one's speed says it may qualify). From a2 given 10 minutes, four runs at
+# once, one thread each, bf16 (docs/auto.md): context 128 x 32 windows (1,355 updates) beat 64 x 32
+# (2,486) on Tiny Shakespeare (1.507 against 1.530) and on Python source (1.169 against 1.258); 128 x 16
+# (2,048 tokens an update, as 64 x 32) reached 1.515 and 1.172, so the context is most of the gain.
+# Nothing under 1,355 updates was measured: 1,000 is a guess between that and the 90-s runs' ~800-1,250
+# updates of 64 x 32, which a doubled context would halve. a1 (float32 here) keeps 64: not measured.
 LONG_CONTEXT_UPDATES = 1000
 # The exact GELU: the same quality as GPT-2's tanh form, several times cheaper on CPUs whose tanh kernel
 # is slow (the Intel Xeon of docs/benchmarks.md), no dearer elsewhere; Hugging Face's GPT-2 runs it too.
@@ -93,6 +92,7 @@ class Rung:
     n_embd: int
     block_size: int
     batch_size: int
+    long_block_size: int | None = None  # the context it takes for long runs (LONG_CONTEXT_UPDATES)
 
     @property
     def lr(self) -> float:
@@ -103,7 +103,7 @@ class Rung:
 
 RUNGS: tuple[Rung, ...] = (
     Rung("a1", 2, 2, 64, 64, 32),       # the 30-s char recipe
-    Rung("a2", 4, 4, 128, 64, 32),      # nanoGPT's CPU shape: the demo (90-s) and 10-minute char recipes
+    Rung("a2", 4, 4, 128, 64, 32, 128),  # nanoGPT's CPU shape: the demo (90 s); with context 128, the 10-minute recipe
     Rung("a3", 4, 6, 192, 128, 32),
     Rung("a4", 6, 8, 256, 128, 32),     # the 10-minute char recipe until 2026-11-30
     Rung("a5", 6, 6, 384, 256, 16),     # the `small` preset
@@ -142,8 +142,14 @@ class AutoChoice:
         return {"rung": self.rung.name, "n_layer": self.rung.n_layer, "n_embd": self.rung.n_embd,
                 "block_size": self.rung.block_size, "batch_size": self.rung.batch_size,
                 "seconds": round(self.seconds, 3),
-                "measured": ", ".join(f"{m.rung.name} {m.tokens_per_s:,.0f} tok/s {m.tokens_per_param:.2f} tok/param"
+                "measured": ", ".join(f"{label(m.rung)} {m.tokens_per_s:,.0f} tok/s {m.tokens_per_param:.2f} tok/param"
                                       for m in self.measured)}
+
+
+def label(rung: Rung) -> str:
+    """A rung's name, with its context when it trains with its long one: "a2", "a2 (context 128)"."""
+    long = rung.long_block_size is not None and rung.block_size == rung.long_block_size
+    return f"{rung.name} (context {rung.block_size})" if long else rung.name
 
 
 def smallest_context() -> int:
@@ -153,8 +159,9 @@ def smallest_context() -> int:
 def choose_for_budget(config: Config, data: Any, rt: Runtime, clock=time.perf_counter) -> AutoChoice:
     """Climb RUNGS (see the module docstring) for config.train.max_time seconds of training on `data`
     (a prepared corpus: its tokenizer fixes the vocabulary, its size the epochs) and return the config
-    with the chosen shape, batch, learning rates and dropout written in. Under DDP rank 0 measures and
-    every rank takes its choice."""
+    with the chosen shape (a2 with its long context when the run is long enough: Rung.long_block_size),
+    batch, learning rates and dropout written in. Under DDP rank 0 measures and every rank takes its
+    choice."""
     t = config.train
     if t.max_time is None or t.max_steps is not None or t.max_tokens is not None:
         raise GptforgeError("model.preset = 'auto' chooses the model for a time budget: set train.max_time "
@@ -186,21 +193,35 @@ def choose_for_budget(config: Config, data: Any, rt: Runtime, clock=time.perf_co
                 break  # too big for the budget: the previous rung it is
             index = i
         chosen = measured[index]  # measured in the ladder's order, from its first rung
-        long_fits = LONG_CONTEXT + 1 <= n_train and (n_val is None or LONG_CONTEXT + 1 <= n_val)
-        longer = (fits[index].block_size < LONG_CONTEXT and long_fits and chosen.tokens
-                  / (fits[index].batch_size * LONG_CONTEXT * rt.world_size) >= LONG_CONTEXT_UPDATES)
+        rung = fits[index]
+        long = None if rung.long_block_size is None else dataclasses.replace(rung, block_size=rung.long_block_size)
+        spent = clock() - start
+        if long is not None and _long_updates(chosen, long, rt.world_size) >= LONG_CONTEXT_UPDATES and \
+                spent <= MEASURE_FRACTION * t.max_time and \
+                long.block_size + 1 <= n_train and (n_val is None or long.block_size + 1 <= n_val):
+            # At the short context's speed it may qualify: measure the long one (in the same allowance).
+            m = _measure(long, config, vocab, data, runtime_for(long, config, rt), clock, t.max_time - spent,
+                         rt.world_size, MEASURE_FRACTION * t.max_time - spent)
+            measured.append(m)
+            if _long_updates(m, long, rt.world_size) >= LONG_CONTEXT_UPDATES:
+                longer, chosen = True, m
         dropout = chosen.tokens / n_train > DROPOUT_PASSES
     if rt.distributed:  # rank 0's choice for every rank (the others measured nothing: zeros in the sum)
         index, longer, dropout = (int(v) for v in rt.all_reduce_sum(torch.tensor(
             [float(index), float(longer), float(dropout)], dtype=torch.float64, device=rt.device)).tolist())
     rung = fits[index]
     if longer:
-        rung = dataclasses.replace(rung, block_size=LONG_CONTEXT)
+        rung = dataclasses.replace(rung, block_size=rung.long_block_size)
     seconds = clock() - start
     chosen_config = apply_rung(config, rung, dropout=DROPOUT if dropout else 0.0)
     if runtime_for(rung, config, rt).dtype != rt.dtype:
         chosen_config.train.dtype = "float32"
     return AutoChoice(config=chosen_config, rung=rung, measured=measured, seconds=seconds, data=data)
+
+
+def _long_updates(m: Measured, long: Rung, world: int) -> float:
+    """Updates of `long`'s windows the budget left would give at measurement `m`'s speed."""
+    return m.tokens / (long.batch_size * long.block_size * world)
 
 
 def tokens_per_param_needed(params: int) -> float:

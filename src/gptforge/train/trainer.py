@@ -161,7 +161,8 @@ class Trainer(_ReadBack, _BudgetClock, _TrainState, _RunData, _Report):
         self.config, self.eval_hook, self.init = self.plan.config, eval_hook, self.plan.init
         if self.auto is not None:
             e = self.auto.event()
-            self.plan.extra_notes.append(f"model.preset = 'auto' chose rung {e['rung']} in {e['seconds']} s of the "
+            self.plan.extra_notes.append(f"model.preset = 'auto' chose rung {e['rung']} (context {e['block_size']}, "
+                                         f"{e['batch_size']} windows per micro-batch) in {e['seconds']} s of the "
                                          f"budget; measured: {e['measured']}")
         config, t = self.config, self.config.train
         # Evaluation runs in float32 whatever the training precision, as `gptforge eval` does, so a
