@@ -233,10 +233,14 @@ def main() -> None:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     plot(rows, RESULTS / "auto_sweep.png")
-    threads = (f"{args.jobs} runs at once, 1 thread each" if args.jobs > 1
+    if args.from_jsonl:
+        how = "rows of earlier runs, each run as its 'runs at once' column says (1 thread each when more than one)"
+        machine = "the machine each row names in docs/auto.md's text"
+    else:
+        how = (f"{args.jobs} runs at once, 1 thread each" if args.jobs > 1
                else f"{args.threads or torch.get_num_threads()} thread(s)")
-    text = (f"Measured on {machine_summary(torch.device('cpu'))}, torch {torch.__version__}, {threads} "
-            "(rows made with --from-jsonl keep their own 'runs at once'); the load average at the start of "
+        machine = machine_summary(torch.device("cpu"))
+    text = (f"Measured on {machine}, torch {torch.__version__}, {how}; the load average at the start of "
             "each run is in docs/results/auto_sweep.jsonl.\n\n" + table(rows))
     update_section(DOC, "bench:auto", text)
     if not math.isfinite(min(r["val_loss"] for r in rows)):
