@@ -174,7 +174,10 @@ def choose_for_budget(config: Config, data: Any, rt: Runtime, clock=time.perf_co
     vocab = data.tokenizer.vocab_size
     n_train = len(data.train)
     n_val = len(data.val) if data.val is not None else None
-    fits = [r for r in RUNGS if r.block_size + 1 <= n_train and (n_val is None or r.block_size + 1 <= n_val)]
+    def fits_context(block_size: int) -> bool:  # each split holds a window and its next token
+        return block_size + 1 <= n_train and (n_val is None or block_size + 1 <= n_val)
+
+    fits = [r for r in RUNGS if fits_context(r.block_size)]
     if not fits:
         raise GptforgeError(f"the corpus is too short for model.preset = 'auto' (its smallest context is "
                             f"{smallest_context()} tokens); give more text or choose a preset")
@@ -197,8 +200,7 @@ def choose_for_budget(config: Config, data: Any, rt: Runtime, clock=time.perf_co
         long = None if rung.long_block_size is None else dataclasses.replace(rung, block_size=rung.long_block_size)
         spent = clock() - start
         if long is not None and _long_updates(chosen, long, rt.world_size) >= LONG_CONTEXT_UPDATES and \
-                spent <= MEASURE_FRACTION * t.max_time and \
-                long.block_size + 1 <= n_train and (n_val is None or long.block_size + 1 <= n_val):
+                spent <= MEASURE_FRACTION * t.max_time and fits_context(long.block_size):
             # At the short context's speed it may qualify: measure the long one (in the same allowance).
             m = _measure(long, config, vocab, data, runtime_for(long, config, rt), clock, t.max_time - spent,
                          rt.world_size, MEASURE_FRACTION * t.max_time - spent)
