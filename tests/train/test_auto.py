@@ -126,6 +126,28 @@ def test_a2_takes_its_long_context_once_the_run_still_makes_a_thousand_updates_w
         assert choice.rung.block_size == 64 and "a2@long" not in calls
 
 
+# What auto measured at the start of the hour-long cell on Python source (docs/auto.md), half a core each.
+HOUR_ON_CODE = dict(SPEEDS, a1=26_446, a2=7_271, a3=5_799, a4=2_021)
+
+
+@pytest.mark.parametrize("long_speed, context", [(5_586, 256), (2_000, 128)])
+def test_a3_takes_context_256_once_the_run_still_makes_a_thousand_updates_with_it(monkeypatch, long_speed,
+                                                                                  context):
+    """The hour on ~1.8M characters of Python source at the speeds auto measured there: a3 (a4 falls short
+    of its tokens per parameter), then a3 with context 256 measured too. At 5,586 tokens/s (what the
+    docstrings cell measured for it) that gives ~2,300 updates of 32 x 256: it takes 256, the shape that
+    beat `small` side by side; at 2,000 tokens/s (~820 updates) it keeps 128. The text is seen ~10 times
+    either way: dropout 0.05."""
+    clock = _Clock()
+    calls = _fake_measure(monkeypatch, clock, dict(HOUR_ON_CODE, **{"a3@long": long_speed}), seconds=0.0)
+    cfg = load_config(None, ["model.preset=auto", "train.max_steps=none", "train.max_time=3600"])
+    choice = auto.choose_for_budget(cfg, _Data(1_803_175, 200_352), _rt(), clock=clock)
+    assert calls == ["a1", "a2", "a3", "a4", "a3@long"]
+    assert (choice.rung.name, choice.rung.block_size, choice.config.model.block_size) == ("a3", context, context)
+    assert choice.config.train.batch_size == 32 and choice.config.model.dropout == auto.DROPOUT
+    assert ("a3 (context 256)" in choice.event()["measured"]) and choice.event()["block_size"] == context
+
+
 class _Ranks:
     """Two ranks of a DDP run in one process: rank 0's all-reduce records what it adds, rank 1's adds
     that to its own (zeros), as a sum over the two would."""

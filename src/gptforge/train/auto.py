@@ -17,9 +17,9 @@ behind the rule put the switch from one rung to the next at a few tokens per par
 out for bigger rungs (a2 is worth it from ~1.6 tokens per parameter, a3 not yet at 2.8). Each rung is
 measured for a few updates (its first, a warm-up, untimed), so its speed includes the per-step
 overheads that dominate small models and the LM head that dominates a large vocabulary; the
-measurement's seconds count in the budget. a2 (context 64) takes a context of 128 once the run would
-still make 1,000 updates with it, at the speed measured for it (LONG_CONTEXT_UPDATES): long runs gained
-more from the context than they lost in updates. The recipe around the shape is the one the CPU recipes
+measurement's seconds count in the budget. a2 and a3 take twice their context (128, 256) once the run
+would still make 1,000 updates with it, at the speed measured for it (LONG_CONTEXT_UPDATES): long runs
+gained more from the context than they lost in updates. The recipe around the shape is the one the CPU recipes
 were tuned with: Muon on the blocks' matrices, AdamW on the rest at an LR that scales as 1/width, a
 warmup-stable-decay schedule with a 30% cool-down, dropout 0.05 (none on the attention weights) once
 the run would see its training text more than DROPOUT_PASSES times, the exact GELU (model.activation = "gelu": cheaper than GPT-2's
@@ -68,14 +68,17 @@ CPU_FLOAT32_WIDTH = 64
 # runs on each side: the threshold lies somewhere between 4.6 and ~11.5.
 DROPOUT_PASSES = 8
 DROPOUT = 0.05
-# a2 (context 64) trains with its long_block_size, 128, the same windows per update, once the run would
-# still make LONG_CONTEXT_UPDATES updates that way at the speed measured for it (auto measures the longer
-# context too when the shorter one's speed says it may qualify). From a2 given 10 minutes, four runs at
-# once, one thread each, bf16 (docs/auto.md): context 128 x 32 windows (1,355 updates) beat 64 x 32
-# (2,486) on Tiny Shakespeare (1.507 against 1.530) and on Python source (1.169 against 1.258); 128 x 16
-# (2,048 tokens an update, as 64 x 32) reached 1.515 and 1.172, so the context is most of the gain.
+# a2 (context 64) and a3 (128) train with their long_block_size, twice the context, the same windows per
+# update, once the run would still make LONG_CONTEXT_UPDATES updates that way at the speed measured for it
+# (auto measures the longer context too when the shorter one's speed says it may qualify). From runs four
+# at once, one thread each, bf16 (docs/auto.md): a2 given 10 minutes, context 128 x 32 windows (1,355
+# updates) beat 64 x 32 (2,486) on Tiny Shakespeare (1.507 against 1.530) and on Python source (1.169
+# against 1.258); 128 x 16 (2,048 tokens an update, as 64 x 32) reached 1.515 and 1.172, so the context is
+# most of the gain. a3 given an hour on Python source: 256 x 32 (2,271 updates) reached 1.047 where 128 x
+# 32 (4,209, another group) had reached 1.124, and the `small` preset 1.058 and 1.059 in both groups.
 # Nothing under 1,355 updates was measured: 1,000 is a guess between that and the 90-s runs' ~800-1,250
-# updates of 64 x 32, which a doubled context would halve. a1 (float32 here) keeps 64: not measured.
+# updates of 64 x 32, which a doubled context would halve. a1 (float32 here) and a4 keep theirs: not
+# measured.
 LONG_CONTEXT_UPDATES = 1000
 # The exact GELU: the same quality as GPT-2's tanh form, several times cheaper on CPUs whose tanh kernel
 # is slow (the Intel Xeon of docs/benchmarks.md), no dearer elsewhere; Hugging Face's GPT-2 runs it too.
@@ -104,7 +107,7 @@ class Rung:
 RUNGS: tuple[Rung, ...] = (
     Rung("a1", 2, 2, 64, 64, 32),       # the 30-s char recipe
     Rung("a2", 4, 4, 128, 64, 32, 128),  # nanoGPT's CPU shape: the demo (90 s); with context 128, the 10-minute recipe
-    Rung("a3", 4, 6, 192, 128, 32),
+    Rung("a3", 4, 6, 192, 128, 32, 256),  # with context 256, an hour on Python source (beat `small`)
     Rung("a4", 6, 8, 256, 128, 32),     # the 10-minute char recipe until 2026-11-30
     Rung("a5", 6, 6, 384, 256, 16),     # the `small` preset
     Rung("a6", 8, 8, 512, 256, 32),
@@ -159,7 +162,7 @@ def smallest_context() -> int:
 def choose_for_budget(config: Config, data: Any, rt: Runtime, clock=time.perf_counter) -> AutoChoice:
     """Climb RUNGS (see the module docstring) for config.train.max_time seconds of training on `data`
     (a prepared corpus: its tokenizer fixes the vocabulary, its size the epochs) and return the config
-    with the chosen shape (a2 with its long context when the run is long enough: Rung.long_block_size),
+    with the chosen shape (a2 or a3 with its long context when the run is long enough: Rung.long_block_size),
     batch, learning rates and dropout written in. Under DDP rank 0 measures and every rank takes its
     choice."""
     t = config.train
