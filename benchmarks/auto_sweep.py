@@ -8,9 +8,11 @@ and the `mini`, `small` and `base` presets (each in auto's recipe: Muon + wsd, t
     python benchmarks/auto_sweep.py --budgets 600 3600 --corpora python --tokenizers char --jobs 4
                                      # a cell's configs side by side: 4 processes of one thread each
 
-Corpora: Tiny Shakespeare (what the CPU recipes were tuned on) and ~2 MB of Python source gathered
-from this Python's own standard library (code, a kind of text nothing was tuned on; made on the
-fly, never stored in the repository). Writes docs/results/auto_sweep.jsonl (one line per run), the
+Corpora: Tiny Shakespeare (what the CPU recipes were tuned on), ~2 MB of Python source gathered
+from this Python's own standard library (`python`: code, a kind of text nothing was tuned on until
+the hour-long cells of 2026-12-01), and ~1.3 MB of the English prose of that library's docstrings
+(`docstrings`: technical prose, held out from every tuning); both made on the fly, never stored in
+the repository. Writes docs/results/auto_sweep.jsonl (one line per run), the
 table between the `<!-- bench:auto -->` markers of docs/auto.md and docs/results/auto_sweep.png
 (validation loss of each shape against the budget, per corpus and tokenizer), with the machine.
 Losses: mean cross-entropy in nats per token on the whole validation split (float32); bits per byte
@@ -26,6 +28,7 @@ configs of an hour take an hour, not four.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -70,6 +73,31 @@ def python_corpus(out: Path, size: int = 2_000_000) -> Path:
             break
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(parts), encoding="utf-8")
+    return out
+
+
+def docstrings_corpus(out: Path, size: int = 2_000_000) -> Path:
+    """Up to `size` bytes of English prose: the docstrings (over 200 characters) of this Python's standard
+    library, its tests left out, in file order."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    parts, total = [], 0
+    for path in sorted(stdlib.rglob("*.py")):
+        if {"test", "tests", "idle_test", "site-packages"} & set(path.relative_to(stdlib).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 200:
+                    parts.append(doc)
+                    total += len(doc.encode())
+        if total >= size:
+            break
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n\n".join(parts), encoding="utf-8")
     return out
 
 
@@ -209,6 +237,8 @@ def main() -> None:
     corpora = {"tinyshakespeare": "tinyshakespeare"}
     if "python" in args.corpora and not args.from_jsonl:
         corpora["python"] = str(python_corpus(out_root / "corpora" / "python-stdlib.txt"))
+    if "docstrings" in args.corpora and not args.from_jsonl:
+        corpora["docstrings"] = str(docstrings_corpus(out_root / "corpora" / "python-docstrings.txt"))
     corpora.update({c: c for c in args.corpora if c not in corpora and Path(c).is_file()})  # a file made earlier
     rows = []
     if args.from_jsonl:
