@@ -64,10 +64,12 @@ def test_auto_climbs_while_the_budget_gives_enough_tokens_per_parameter(monkeypa
     cfg = load_config(None, ["model.preset=auto", "train.max_steps=none", f"train.max_time={budget}"])
     choice = auto.choose_for_budget(cfg, _Data(1_000_000, 100_000), _rt(), clock=clock)
     assert choice.rung.name == expected
-    # It measured up to the first rung that fell short, and no further.
+    # It measured up to the first rung that fell short, and no further (a3 at 12k tokens/s in 600 s would
+    # make ~815 updates of 32 x 256, under LONG_CONTEXT_UPDATES: its long context is not measured).
     names = [r.name for r in auto.RUNGS]
     assert calls == names[:names.index(expected) + 2]
-    m = {x.rung.name: x for x in choice.measured}
+    assert choice.rung.block_size == auto.RUNGS[names.index(expected)].block_size
+    m = {auto.label(x.rung): x for x in choice.measured}
     assert m[expected].tokens_per_param >= auto.tokens_per_param_needed(m[expected].params) or expected == "a1"
     assert m[calls[-1]].tokens_per_param < auto.tokens_per_param_needed(m[calls[-1]].params)
     # The config holds the rung explicitly, with the budget recipe, and validates without auto.
@@ -126,26 +128,32 @@ def test_a2_takes_its_long_context_once_the_run_still_makes_a_thousand_updates_w
         assert choice.rung.block_size == 64 and "a2@long" not in calls
 
 
-# What auto measured at the start of the hour-long cell on Python source (docs/auto.md), half a core each.
+# What auto measured at the start of the first hour-long cell on Python source (docs/auto.md), half a core
+# each; a3 with context 256 measured 5,586 tokens/s at the start of the docstrings cell.
 HOUR_ON_CODE = dict(SPEEDS, a1=26_446, a2=7_271, a3=5_799, a4=2_021)
 
 
-@pytest.mark.parametrize("long_speed, context", [(5_586, 256), (2_000, 128)])
+@pytest.mark.parametrize("long_speed, context, dropout", [(5_586, 256, auto.DROPOUT), (2_000, 128, auto.DROPOUT),
+                                                          (4_000, 256, 0.0)])
 def test_a3_takes_context_256_once_the_run_still_makes_a_thousand_updates_with_it(monkeypatch, long_speed,
-                                                                                  context):
+                                                                                  context, dropout):
     """The hour on ~1.8M characters of Python source at the speeds auto measured there: a3 (a4 falls short
-    of its tokens per parameter), then a3 with context 256 measured too. At 5,586 tokens/s (what the
-    docstrings cell measured for it) that gives ~2,300 updates of 32 x 256: it takes 256, the shape that
-    beat `small` side by side; at 2,000 tokens/s (~820 updates) it keeps 128. The text is seen ~10 times
-    either way: dropout 0.05."""
+    of its tokens per parameter), then a3 with context 256 measured too. At 5,586 tokens/s that gives
+    ~2,280 updates of 32 x 256: it takes 256, the shape that beat `small` side by side, and sees the text
+    ~10 times (dropout 0.05); at 2,000 tokens/s (~815 updates) it keeps 128 (and its ~11 passes: dropout);
+    at 4,000, 256 with ~1,630 updates and 7.4 passes, counted at the long context's own speed: no dropout.
+    Each measurement takes 1 s of the budget, and the long one is sized for what is left of it."""
     clock = _Clock()
-    calls = _fake_measure(monkeypatch, clock, dict(HOUR_ON_CODE, **{"a3@long": long_speed}), seconds=0.0)
+    calls = _fake_measure(monkeypatch, clock, dict(HOUR_ON_CODE, **{"a3@long": long_speed}), seconds=1.0)
     cfg = load_config(None, ["model.preset=auto", "train.max_steps=none", "train.max_time=3600"])
     choice = auto.choose_for_budget(cfg, _Data(1_803_175, 200_352), _rt(), clock=clock)
     assert calls == ["a1", "a2", "a3", "a4", "a3@long"]
     assert (choice.rung.name, choice.rung.block_size, choice.config.model.block_size) == ("a3", context, context)
-    assert choice.config.train.batch_size == 32 and choice.config.model.dropout == auto.DROPOUT
-    assert ("a3 (context 256)" in choice.event()["measured"]) and choice.event()["block_size"] == context
+    assert choice.config.train.batch_size == 32 and choice.config.model.dropout == dropout
+    assert choice.seconds == pytest.approx(5.0)
+    assert choice.measured[-1].tokens == pytest.approx(long_speed * (3600 - 5) * auto.TRAINING_SHARE)
+    labels = [part.rsplit(" ", 4)[0] for part in choice.event()["measured"].split(", ")]
+    assert labels == ["a1", "a2", "a3", "a4", "a3 (context 256)"] and choice.event()["block_size"] == context
 
 
 class _Ranks:

@@ -76,9 +76,9 @@ DROPOUT = 0.05
 # against 1.258); 128 x 16 (2,048 tokens an update, as 64 x 32) reached 1.515 and 1.172, so the context is
 # most of the gain. a3 given an hour on Python source: 256 x 32 (2,271 updates) reached 1.047 where 128 x
 # 32 (4,209, another group) had reached 1.124, and the `small` preset 1.058 and 1.059 in both groups.
-# Nothing under 1,355 updates was measured: 1,000 is a guess between that and the 90-s runs' ~800-1,250
-# updates of 64 x 32, which a doubled context would halve. a1 (float32 here) and a4 keep theirs: not
-# measured.
+# For a2 nothing under 1,355 updates was measured: 1,000 is a guess between that and the 90-s runs'
+# ~800-1,250 updates of 64 x 32, which a doubled context would halve; a3 borrows it (its one long-context
+# run made 2,271 updates, on one corpus). Every other rung keeps its context: not measured.
 LONG_CONTEXT_UPDATES = 1000
 # The exact GELU: the same quality as GPT-2's tanh form, several times cheaper on CPUs whose tanh kernel
 # is slow (the Intel Xeon of docs/benchmarks.md), no dearer elsewhere; Hugging Face's GPT-2 runs it too.
